@@ -1,0 +1,24 @@
+"""The `lcaam-patch` command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lcaam-patch` console script."""
+    parser = argparse.ArgumentParser(prog="lcaam-patch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train a small timm ViT on scikit-learn's digits, unpatched and patched"
+    )
+    demo.add_argument("--epochs", type=int, default=12, help="training epochs per run")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(epochs=args.epochs, seed=args.seed, threads=args.threads)
+    return 0

@@ -1,0 +1,53 @@
+"""Exceptions raised by lcaam_patch; every message says how to fix the misuse."""
+
+from __future__ import annotations
+
+
+class LCAAMError(Exception):
+    """Base class of every error lcaam_patch raises on misuse."""
+
+
+class InvalidOptionError(LCAAMError, ValueError):
+    """An option of `apply` has a value outside its choices."""
+
+
+class NoAttentionFoundError(LCAAMError):
+    """`apply` found no attention module that a registered adapter can patch."""
+
+
+class UnsupportedModuleError(LCAAMError):
+    """An attention module uses an option that its adapter cannot honour."""
+
+
+class UpstreamVersionError(LCAAMError):
+    """The installed upstream package is outside the adapter's supported versions."""
+
+
+class AlreadyPatchedError(LCAAMError):
+    """`apply` was called on a model that already carries LCAAM."""
+
+
+class NotPatchedError(LCAAMError):
+    """`remove` or a state-dict helper was called on a model without LCAAM."""
+
+
+class SequenceTooLongError(LCAAMError, ValueError):
+    """A forward pass has more tokens than the mask generator was built for."""
+
+
+class MissingBoundError(LCAAMError):
+    """The adapter cannot infer how many tokens a site sees; the user must say."""
+
+
+class StateDictError(LCAAMError, KeyError):
+    """`load_lcaam_state_dict` got a missing, unexpected or wrongly shaped key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownAdapterError(LCAAMError, KeyError):
+    """A preset or adapter name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

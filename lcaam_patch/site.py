@@ -1,0 +1,125 @@
+"""Per-module state of a patched attention site, and the forward that replaces the original."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import lcaam_attention
+from .errors import LCAAMError
+from .registry import Adapter, SiteGeometry
+
+GENERATOR_NAME = "lcaam"
+SITE_ATTR = "_lcaam_site"
+
+
+class StackMask:
+    """The mask of `mode="global"`: computed by a stack's first site, read by the others.
+
+    It holds the mask of the latest forward pass only and is never pickled or copied.
+    """
+
+    def __init__(self, name: str, leader: str) -> None:
+        self.name = name
+        self.leader = leader
+        self.mask: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "leader": self.leader, "mask": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StackMask:
+        copied = StackMask(self.name, self.leader)
+        memo[id(self)] = copied
+        return copied
+
+
+class LCAAMSite:
+    """Everything the patched forward of one attention module needs besides the module.
+
+    Attributes:
+        path: the module's path in the model it was patched in.
+        adapter: the adapter that runs the module.
+        geometry: widths and token bounds read by the adapter.
+        fusion, backend: how M is fused and which backend computes the attention.
+        stack: the shared mask in `mode="global"`, else None.
+        adapter_state: what the adapter's `prepare` returned, for its `restore`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        adapter: Adapter,
+        geometry: SiteGeometry,
+        *,
+        fusion: str,
+        backend: str,
+        stack: StackMask | None = None,
+    ) -> None:
+        self.path = path
+        self.adapter = adapter
+        self.geometry = geometry
+        self.fusion = fusion
+        self.backend = backend
+        self.stack = stack
+        self.adapter_state: Any = None
+
+    @property
+    def owns_generator(self) -> bool:
+        """Whether this site's module carries a generator (False for global followers)."""
+        return self.stack is None or self.stack.leader == self.path
+
+    def mask(self, module: nn.Module, x: torch.Tensor, num_kv_tokens: int) -> torch.Tensor:
+        """M (B, Nq, Nk) for query tokens `x` (B, Nq, D)."""
+        if self.owns_generator:
+            mask = getattr(module, GENERATOR_NAME)(x, num_kv_tokens)
+            if self.stack is not None:
+                self.stack.mask = mask
+            return mask
+        assert self.stack is not None
+        mask = self.stack.mask
+        if mask is None or mask.shape[-2] != x.shape[-2] or mask.shape[-1] != num_kv_tokens:
+            raise LCAAMError(
+                f"mode='global': {self.path!r} ran before {self.stack.leader!r}, the first "
+                f"attention of stack {self.stack.name!r}, computed this forward's mask (or with "
+                f"other token counts); use mode='multilayer' for models that call their layers "
+                f"out of order"
+            )
+        return mask
+
+    def attend(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        dropout_p: float = 0.0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LCAAM attention of (B, H, N, D) q, k, v whose query tokens are `x` (B, Nq, D)."""
+        mask = self.mask(module, x, k.shape[-2])
+        return lcaam_attention(
+            q,
+            k,
+            v,
+            mask,
+            fusion=self.fusion,
+            scale=scale,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
+            backend=self.backend,
+        )
+
+
+def patched_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The instance-level forward of a patched module: its adapter's forward with LCAAM."""
+    site: LCAAMSite = getattr(module, SITE_ATTR)
+    return site.adapter.forward(module, site, *args, **kwargs)
