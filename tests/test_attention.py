@@ -1,0 +1,112 @@
+"""The fused attention against a textbook reference, for every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcaam_patch import lcaam_attention
+from lcaam_patch.attention import AttentionRequest, backend_names, resolve_backend
+
+
+def reference(q, k, v, mask, fusion, scale, keep=None):
+    """softmax((QKᵀ·scale ◇ M) masked where keep is False) V, in float64."""
+    q, k, v, mask = (t.double() for t in (q, k, v, mask))
+    scores = q @ k.transpose(-2, -1) * scale
+    scores = scores * mask[:, None] if fusion == "mul" else scores + mask[:, None]
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return weights @ v, weights
+
+
+def inputs(dtype=torch.float32, B=2, H=3, Nq=5, Nk=7, D=8):
+    q = torch.randn(B, H, Nq, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Nk, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Nk, D, dtype=dtype, requires_grad=True)
+    mask = (torch.randn(B, Nq, Nk) * 2).to(dtype).requires_grad_()
+    return q, k, v, mask
+
+
+def padding_keep(B=2, Nq=5, Nk=7):
+    keep = torch.ones(B, 1, Nq, Nk, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    return keep
+
+
+CASES = [(b, f) for b in backend_names() for f in ("mul", "add")]
+
+
+@pytest.mark.parametrize("backend,fusion", CASES)
+@pytest.mark.parametrize("masking", ["none", "padding-bool", "padding-float", "causal"])
+def test_backends_match_reference_with_gradients(backend, fusion, masking):
+    q, k, v, mask = inputs(Nq=6, Nk=6 if masking == "causal" else 7)
+    Nk = k.shape[-2]
+    keep, attn_mask, is_causal = None, None, False
+    if masking.startswith("padding"):
+        keep = padding_keep(Nq=6, Nk=Nk)
+        attn_mask = keep if masking == "padding-bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    elif masking == "causal":
+        keep, is_causal = torch.ones(6, 6, dtype=torch.bool).tril(), True
+    out, _ = lcaam_attention(
+        q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal, backend=backend
+    )
+    expected, _ = reference(q, k, v, mask, fusion, 0.3, keep)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, mask))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, mask))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,fusion", CASES)
+def test_bf16_close_to_fp32_reference(backend, fusion):
+    q, k, v, mask = inputs(torch.bfloat16)
+    out, _ = lcaam_attention(q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=padding_keep(), backend=backend)
+    assert out.dtype == torch.bfloat16
+    expected, _ = reference(q, k, v, mask, fusion, 0.3, padding_keep())
+    torch.testing.assert_close(out.double(), expected, atol=5e-2, rtol=5e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, mask))
+
+
+@pytest.mark.parametrize("fusion", ["mul", "add"])
+def test_masked_keys_get_zero_weight_whatever_the_mask(fusion):
+    q, k, v, _ = inputs()
+    mask = torch.full((2, 5, 7), 1e4)
+    keep = padding_keep()
+    _, weights = lcaam_attention(q, k, v, mask, fusion=fusion, scale=1.0, attn_mask=keep, need_weights=True)
+    assert torch.equal(weights[0, ..., 4:], torch.zeros_like(weights[0, ..., 4:]))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 5))
+
+
+@pytest.mark.parametrize("backend,fusion", CASES)
+def test_row_with_every_key_masked_is_zero_not_nan(backend, fusion):
+    q, k, v, mask = inputs()
+    keep = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    keep[1, :, 2] = False
+    out, _ = lcaam_attention(q, k, v, mask, fusion=fusion, scale=1.0, attn_mask=keep, backend=backend)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, mask))
+
+
+def test_need_weights_falls_back_to_a_backend_that_returns_them():
+    q, k, v, mask = inputs()
+    out, weights = lcaam_attention(q, k, v, mask, fusion="mul", scale=0.5, need_weights=True, backend="sdpa")
+    torch.testing.assert_close(out, weights @ v)
+
+
+def test_auto_prefers_sdpa_for_add_and_eager_for_mul_or_weights():
+    add = AttentionRequest("add", False, "cpu", torch.float32)
+    assert resolve_backend("auto", add) == "sdpa"
+    assert resolve_backend("auto", AttentionRequest("mul", False, "cpu", torch.float32)) == "eager"
+    assert resolve_backend("auto", AttentionRequest("add", True, "cpu", torch.float32)) == "eager"
+
+
+def test_dropout_drops_weights_in_training():
+    q, k, v, mask = inputs()
+    torch.manual_seed(1)
+    _, weights = lcaam_attention(q, k, v, mask, fusion="add", scale=1.0, dropout_p=0.5, need_weights=True)
+    assert (weights == 0).float().mean() > 0.3
