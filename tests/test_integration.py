@@ -1,0 +1,165 @@
+"""A patched model keeps working with the PyTorch machinery users wrap around it."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lcaam_patch
+
+from conftest import tiny_vit
+
+
+def patched_vit(**options: object) -> nn.Module:
+    """A tiny ViT patched with a random (non-identity) generator."""
+    return lcaam_patch.apply(tiny_vit(), init="default", **options)
+
+
+def test_deepcopy_gives_an_independent_patched_model():
+    model = patched_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), model(x))
+    assert clone.blocks[0].attn.forward.args[0] is clone.blocks[0].attn
+    with torch.no_grad():
+        clone.blocks[0].attn.lcaam.layers[0].bias.add_(1.0)
+    assert not torch.allclose(clone(x), model(x))
+    lcaam_patch.remove(clone)
+    assert lcaam_patch.is_patched(model)
+
+
+@pytest.mark.parametrize("mode", ["multilayer", "global"])
+def test_torch_save_and_load_of_the_whole_model(mode):
+    model = patched_vit(mode=mode).eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), expected)
+    assert lcaam_patch.is_patched(loaded)
+    lcaam_patch.remove(loaded)
+    assert not lcaam_patch.is_patched(loaded)
+
+
+def test_state_dict_round_trip_and_lcaam_only_round_trip():
+    model = patched_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = lcaam_patch.apply(tiny_vit()).eval()
+    fresh.load_state_dict(torch.load(buffer), strict=True)
+    torch.testing.assert_close(fresh(x), model(x))
+    only = lcaam_patch.lcaam_state_dict(model)
+    assert only and all(".lcaam." in k for k in only)
+    other = lcaam_patch.apply(tiny_vit()).eval()
+    other.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, param in other.named_parameters():
+            if ".lcaam." in name:
+                param.zero_()
+    lcaam_patch.load_lcaam_state_dict(other, only)
+    torch.testing.assert_close(other(x), model(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_after_apply_matches_eager():
+    model = patched_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_gradient_checkpointing_gives_the_same_gradients():
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = patched_vit()
+        model.set_grad_checkpointing(checkpointing)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_global_mode_with_gradient_checkpointing():
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = patched_vit(mode="global")
+        model.set_grad_checkpointing(checkpointing)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append(model.blocks[0].attn.lcaam.layers[0].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["mul", "add"])
+def test_bf16_autocast_trains(fusion):
+    model = patched_vit(fusion=fusion)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model(x), atol=0.1, rtol=0.1)
+    nn.functional.cross_entropy(logits.float(), y).backward()
+    lcaam = [p for n, p in model.named_parameters() if ".lcaam." in n]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lcaam)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = lcaam_patch.apply(tiny_vit())
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.manual_seed(1 + rank)
+        lcaam_grad_seen = True
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            lcaam_grads = [p.grad for n, p in model.named_parameters() if ".lcaam." in n]
+            lcaam_grad_seen &= all(g is not None and g.abs().sum() > 0 for g in lcaam_grads)
+            optimizer.step()
+        results[rank] = (
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+            lcaam_grad_seen,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_ranks_keeps_parameters_identical():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    (params0, grads0), (params1, grads1) = results[0], results[1]
+    assert grads0 and grads1
+    assert params0.keys() == params1.keys()
+    for name in params0:
+        assert torch.equal(params0[name], params1[name]), name
+    initial = lcaam_patch.apply(tiny_vit())
+    moved = [n for n, p in initial.named_parameters() if ".lcaam." in n and not torch.equal(p, params0[n])]
+    assert moved
