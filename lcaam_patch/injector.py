@@ -144,7 +144,7 @@ def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
     planned: list[_PlannedSite] = []
     claimed_paths: set[str] = set()
     for path, module in model.named_modules():
-        adapter = next((a for a in adapters if a.claims(module)), None)
+        adapter = next((a for a in adapters if a.claims(module, path, model)), None)
         if adapter is None:
             continue
         claimed_paths.add(path)

@@ -48,9 +48,12 @@ class Adapter(abc.ABC):
 
     Subclasses set `name`, and `distribution`/`supported_versions` when they patch a
     third-party package, and implement `attention_types`, `geometry` and `forward`.
+    Where several adapters claim a module, the one with the highest `priority` wins
+    (model-family adapters above generic ones).
     """
 
     name: str = ""
+    priority: int = 0
     distribution: str | None = None
     supported_versions: str = ""
     presets: Mapping[str, Mapping[str, Any]] = {}
@@ -59,8 +62,12 @@ class Adapter(abc.ABC):
     def attention_types(self) -> tuple[type[nn.Module], ...]:
         """Classes this adapter patches, among upstream modules already imported."""
 
-    def claims(self, module: nn.Module) -> bool:
-        """Whether `module` is an instance of exactly one of `attention_types`."""
+    def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
+        """Whether this adapter patches `module` (at `path` in `root`).
+
+        The default claims instances of exactly one of `attention_types`; adapters for a
+        model family (e.g. QD-DETR's encoder) may also look at the path and the root.
+        """
         return type(module) in self.attention_types()
 
     @abc.abstractmethod
@@ -81,7 +88,7 @@ class Adapter(abc.ABC):
         """Called after `module` is patched; returns what `restore` needs to undo it."""
         return None
 
-    def restore(self, module: nn.Module, state: Any) -> None:
+    def restore(self, module: nn.Module, state: Any) -> None:  # noqa: B027 - optional hook
         """Called when `module` is unpatched with what `prepare` returned."""
 
     def installed_version(self) -> str | None:
@@ -127,9 +134,9 @@ def unregister_adapter(name: str) -> None:
 
 
 def registered_adapters() -> dict[str, Adapter]:
-    """Every registered adapter by name, entry points included."""
+    """Every registered adapter by name, entry points included, highest priority first."""
     _load_entry_points()
-    return dict(_ADAPTERS)
+    return dict(sorted(_ADAPTERS.items(), key=lambda item: -item[1].priority))
 
 
 def get_adapter(name: str) -> Adapter:
