@@ -5,7 +5,9 @@
 """
 
 from .attention import AttentionBackend, AttentionRequest, lcaam_attention, register_backend
+from .capture import Capture, capture
 from .config import LCAAMConfig
+from .cost import CostRow, CostTable, cost
 from .errors import (
     AlreadyPatchedError,
     InvalidOptionError,
@@ -20,7 +22,7 @@ from .errors import (
     UpstreamVersionError,
 )
 from .generator import MaskGenerator
-from .injector import apply, is_patched, patched_sites, remove
+from .injector import SurveyEntry, apply, is_patched, patched_sites, remove, survey
 from .registry import (
     Adapter,
     SiteGeometry,
@@ -41,6 +43,9 @@ __all__ = [
     "AlreadyPatchedError",
     "AttentionBackend",
     "AttentionRequest",
+    "Capture",
+    "CostRow",
+    "CostTable",
     "InvalidOptionError",
     "LCAAMConfig",
     "LCAAMError",
@@ -54,10 +59,13 @@ __all__ = [
     "SiteGeometry",
     "SiteSummary",
     "StateDictError",
+    "SurveyEntry",
     "UnknownAdapterError",
     "UnsupportedModuleError",
     "UpstreamVersionError",
     "apply",
+    "capture",
+    "cost",
     "get_adapter",
     "is_patched",
     "lcaam_attention",
@@ -70,5 +78,6 @@ __all__ = [
     "registered_adapters",
     "remove",
     "summary",
+    "survey",
     "unregister_adapter",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from .inspection import add_inspect_parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lcaam-patch` console script."""
@@ -16,7 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=12, help="training epochs per run")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_inspect_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        return args.handler(args)
     if args.command == "demo":
         from .demo import run_demo
 

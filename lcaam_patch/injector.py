@@ -19,6 +19,7 @@ from .config import LCAAMConfig
 from .errors import (
     AlreadyPatchedError,
     InvalidOptionError,
+    LCAAMError,
     NoAttentionFoundError,
     NotPatchedError,
     UnsupportedModuleError,
@@ -88,8 +89,7 @@ def apply(
         ).items()
         if value is not _UNSET
     }
-    options = {**(get_preset(preset) if preset is not None else {}), **explicit}
-    config = LCAAMConfig.from_options(options)
+    config = LCAAMConfig.from_options({**(get_preset(preset) if preset is not None else {}), **explicit})
     if is_patched(model):
         raise AlreadyPatchedError(
             "this model is already patched with LCAAM; call lcaam_patch.remove(model) "
@@ -139,27 +139,39 @@ def _matches(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
 
 
+def _site_geometry(
+    path: str, module: nn.Module, adapter: Adapter, model: nn.Module, config: LCAAMConfig
+) -> SiteGeometry | None:
+    """The geometry of a claimed module, None when targets/exclude leave it out."""
+    if config.targets is not None and not _matches(path, config.targets):
+        return None
+    if config.exclude is not None and _matches(path, config.exclude):
+        return None
+    if hasattr(module, GENERATOR_NAME):
+        raise UnsupportedModuleError(
+            f"{path!r} already has an attribute {GENERATOR_NAME!r}; rename it or exclude "
+            f"this module with exclude=[{path!r}]"
+        )
+    adapter.check_version()
+    return adapter.geometry(module, path, model, config)
+
+
+def _claimant(adapters: list[Adapter], module: nn.Module, path: str, model: nn.Module) -> Adapter | None:
+    return next((a for a in adapters if a.claims(module, path, model)), None)
+
+
 def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
     adapters = list(registered_adapters().values())
     planned: list[_PlannedSite] = []
     claimed_paths: set[str] = set()
     for path, module in model.named_modules():
-        adapter = next((a for a in adapters if a.claims(module, path, model)), None)
+        adapter = _claimant(adapters, module, path, model)
         if adapter is None:
             continue
         claimed_paths.add(path)
-        if config.targets is not None and not _matches(path, config.targets):
-            continue
-        if config.exclude is not None and _matches(path, config.exclude):
-            continue
-        if hasattr(module, GENERATOR_NAME):
-            raise UnsupportedModuleError(
-                f"{path!r} already has an attribute {GENERATOR_NAME!r}; rename it or exclude "
-                f"this module with exclude=[{path!r}]"
-            )
-        adapter.check_version()
-        geometry = adapter.geometry(module, path, model, config)
-        planned.append(_PlannedSite(path, module, adapter, geometry))
+        geometry = _site_geometry(path, module, adapter, model, config)
+        if geometry is not None:
+            planned.append(_PlannedSite(path, module, adapter, geometry))
     if config.backend != "auto" and planned:
         _check_backend(config, planned[0].module)
     if not planned:
@@ -167,6 +179,57 @@ def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
     if config.mode == "global":
         _group_into_stacks(planned)
     return planned
+
+
+@dataclasses.dataclass(frozen=True)
+class SurveyEntry:
+    """What `apply` would do with one module.
+
+    Attributes:
+        path: the module's path.
+        class_name: its class, with the module it comes from.
+        adapter: the adapter that claims it, or None.
+        status: "patch", "filtered" (left out by targets/exclude), "error" (the adapter
+            refuses it) or "unclaimed" (attention-like, but no adapter knows the class).
+        detail: the bound it would get, or why not.
+    """
+
+    path: str
+    class_name: str
+    adapter: str | None
+    status: str
+    detail: str
+
+
+def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> list[SurveyEntry]:
+    """A dry run of `apply(model, preset=preset, **options)` that changes nothing.
+
+    Lists every module an adapter claims and every attention-like module none claims,
+    with what `apply` would do and why.
+    """
+    config = LCAAMConfig.from_options({**(get_preset(preset) if preset is not None else {}), **options})
+    adapters = list(registered_adapters().values())
+    entries = []
+    for path, module in model.named_modules():
+        class_name = f"{type(module).__module__}.{type(module).__qualname__}"
+        adapter = _claimant(adapters, module, path, model)
+        if adapter is None:
+            if _ATTENTION_LIKE.search(type(module).__name__):
+                entries.append(
+                    SurveyEntry(path, class_name, None, "unclaimed", "no registered adapter patches this class")
+                )
+            continue
+        try:
+            geometry = _site_geometry(path, module, adapter, model, config)
+        except LCAAMError as error:
+            entries.append(SurveyEntry(path, class_name, adapter.name, "error", str(error)))
+            continue
+        if geometry is None:
+            entries.append(SurveyEntry(path, class_name, adapter.name, "filtered", "left out by targets/exclude"))
+        else:
+            bound = f"{geometry.max_q_tokens or '-'}×{geometry.max_kv_tokens}"
+            entries.append(SurveyEntry(path, class_name, adapter.name, "patch", f"{geometry.kind}, Nq×Nk ≤ {bound}"))
+    return entries
 
 
 def _nothing_found_message(

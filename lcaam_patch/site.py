@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -13,6 +13,24 @@ from .registry import Adapter, SiteGeometry
 
 GENERATOR_NAME = "lcaam"
 SITE_ATTR = "_lcaam_site"
+
+
+class Recorder(Protocol):
+    """Receives what a site computed during a forward (see `lcaam_patch.capture`)."""
+
+    def record(
+        self,
+        site: LCAAMSite,
+        mask: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        scale: float,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> None:
+        """Keep what is wanted of one attention call."""
+        ...
 
 
 class StackMask:
@@ -64,6 +82,10 @@ class LCAAMSite:
         self.backend = backend
         self.stack = stack
         self.adapter_state: Any = None
+        self.recorder: Recorder | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "recorder": None}
 
     @property
     def owns_generator(self) -> bool:
@@ -104,6 +126,8 @@ class LCAAMSite:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """LCAAM attention of (B, H, N, D) q, k, v whose query tokens are `x` (B, Nq, D)."""
         mask = self.mask(module, x, k.shape[-2])
+        if self.recorder is not None:
+            self.recorder.record(self, mask, q, k, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
         return lcaam_attention(
             q,
             k,
