@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .inspection import add_inspect_parser
+from .launcher import add_run_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,8 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_inspect_parser(commands)
+    add_run_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "inspect":
+        return args.handler(args)
+    if args.command == "run":
         return args.handler(args)
     if args.command == "demo":
         from .demo import run_demo

@@ -50,6 +50,13 @@ class Adapter(abc.ABC):
     third-party package, and implement `attention_types`, `geometry` and `forward`.
     Where several adapters claim a module, the one with the highest `priority` wins
     (model-family adapters above generic ones).
+
+    `presets` maps a preset name to options of `apply`. `builders` maps a preset name to
+    the upstream functions that build the model, as "module:attribute" strings (e.g.
+    "qd_detr.inference:build_model", the name the training script calls); `lcaam-patch run
+    --preset NAME` wraps them so the model they return (or the first item of a returned
+    tuple) is patched before the script sees it. `builder_options` may read further
+    options (token bounds) off the builder's arguments.
     """
 
     name: str = ""
@@ -57,6 +64,7 @@ class Adapter(abc.ABC):
     distribution: str | None = None
     supported_versions: str = ""
     presets: Mapping[str, Mapping[str, Any]] = {}
+    builders: Mapping[str, tuple[str, ...]] = {}
 
     @abc.abstractmethod
     def attention_types(self) -> tuple[type[nn.Module], ...]:
@@ -83,6 +91,15 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The patched forward: the upstream's computation with `site.attend` inside."""
+
+    def builder_options(
+        self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Options of `apply` read off the arguments of a wrapped builder (see `builders`).
+
+        The launcher passes them under the user's own options; the default reads none.
+        """
+        return {}
 
     def prepare(self, module: nn.Module, root: nn.Module) -> Any:
         """Called after `module` is patched; returns what `restore` needs to undo it."""
