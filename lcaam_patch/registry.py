@@ -33,14 +33,18 @@ class SiteGeometry:
     Attributes:
         embed_dim: width of the query tokens the generator reads.
         max_q_tokens: bound on query tokens (None when the adapter has no bound).
-        max_kv_tokens: bound on key tokens: the generator's output width.
+        max_kv_tokens: bound on key tokens: the generator's output width (None only
+            where the options need no bound, i.e. generator="lowrank").
         kind: "self" or "cross".
+        kv_embed_dim: width of the key tokens a "lowrank" generator reads; None when it
+            equals `embed_dim`.
     """
 
     embed_dim: int
     max_q_tokens: int | None
-    max_kv_tokens: int
+    max_kv_tokens: int | None
     kind: str
+    kv_embed_dim: int | None = None
 
 
 class Adapter(abc.ABC):
@@ -81,11 +85,13 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def geometry(
         self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry:
+    ) -> SiteGeometry | None:
         """Validate `module` and read its widths and token bounds.
 
         Raises `UnsupportedModuleError` for options it cannot honour and
-        `MissingBoundError` when the token bound is neither inferable nor given.
+        `MissingBoundError` when the token bound is neither inferable nor given. Returns
+        None to leave `module` unpatched under `config` (e.g. a mode that does not use it),
+        as targets/exclude would.
         """
 
     @abc.abstractmethod
