@@ -7,7 +7,7 @@ model it returns (or the first item of a returned tuple) goes through
 `lcaam_patch.apply(model, preset=..., **options)` before the script sees it, so the LCAAM
 parameters exist before the optimizer is built and before any checkpoint is loaded. The
 script runs as `__main__` with `sys.argv` and `sys.path[0]` set as `python script.py`
-would set them.
+would set them (the script's directory is put in front of the current path).
 """
 
 from __future__ import annotations
@@ -98,13 +98,9 @@ def run(
     session = _Session(preset, adapter_for_preset(preset), dict(options or {}))
     for target in targets:
         wrapt.register_post_import_hook(_hook(session, target), target.partition(":")[0])
-    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [path, *args]
-    script_dir = os.path.dirname(os.path.realpath(path))
-    if sys.path:
-        sys.path[0] = script_dir
-    else:
-        sys.path.append(script_dir)
+    sys.path.insert(0, os.path.dirname(os.path.realpath(path)))
     try:
         runpy.run_path(path, run_name="__main__")
     finally:
@@ -112,8 +108,7 @@ def run(
         for owner, attribute, original in session.wrapped:
             setattr(owner, attribute, original)
         sys.argv = saved_argv
-        if saved_path0 is not None and sys.path:
-            sys.path[0] = saved_path0
+        sys.path[:] = saved_path
     if session.built == 0:
         raise LauncherError(
             f"{path} finished without calling {', '.join(targets)}, so nothing was patched; "
@@ -200,7 +195,17 @@ def add_run_parser(commands: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    names = ("mode", "fusion", "depth", "hidden", "activation", "init", "max_tokens", "max_kv_tokens", "backend")
+    names = (
+        "mode",
+        "fusion",
+        "depth",
+        "hidden",
+        "activation",
+        "init",
+        "max_tokens",
+        "max_kv_tokens",
+        "backend",
+    )
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     run(args.script, args.args, preset=args.preset, options=options)
     return 0
