@@ -127,22 +127,29 @@ def test_run_patches_the_built_model_before_the_script_builds_its_optimizer(
     assert setup.build_model is sys.modules[f"{PACKAGE}.model"].build_model  # unwrapped again
 
 
-def test_cli_run_passes_options_and_the_script_arguments(fake_upstream: Path, tmp_path: Path) -> None:
+def test_cli_run_passes_options_and_the_script_arguments(
+    fake_upstream: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.json"
-    assert main(["run", "--preset", PRESET, "--max-tokens", "9", "--", str(fake_upstream), str(out), "4"]) == 0
+    argv = ["run", "--preset", PRESET, "--max-tokens", "9", "--", str(fake_upstream), str(out), "4"]
+    assert main(argv) == 0
     seen = json.loads(out.read_text())
     assert seen["argv"] == [str(fake_upstream), str(out), "4"]
     assert (seen["depth"], seen["max_kv_tokens"]) == (2, 9)
 
 
-def test_a_second_run_in_the_same_process_patches_again(fake_upstream: Path, tmp_path: Path) -> None:
+def test_a_second_run_in_the_same_process_patches_again(
+    fake_upstream: Path, tmp_path: Path
+) -> None:
     for width in (4, 8):
         out = tmp_path / f"out{width}.json"
         launcher.run(fake_upstream, [str(out), str(width)], preset=PRESET)
         assert json.loads(out.read_text())["max_kv_tokens"] == width + 1
 
 
-def test_a_script_that_never_builds_the_model_is_an_error(fake_upstream: Path, tmp_path: Path) -> None:
+def test_a_script_that_never_builds_the_model_is_an_error(
+    fake_upstream: Path, tmp_path: Path
+) -> None:
     script = tmp_path / "other.py"
     script.write_text("print('no model here')\n")
     with pytest.raises(LauncherError, match=r"finished without calling .*setup:build_model"):

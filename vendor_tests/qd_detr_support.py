@@ -27,6 +27,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QD_DETR_ROOT = REPO_ROOT / "integration" / "QD-DETR"
+ONE_LINE_PATCH = REPO_ROOT / "integration" / "patches" / "QD-DETR.patch"
 SKIP_MESSAGE = (
     "QD-DETR is not checked out: run `git submodule update --init integration/QD-DETR` "
     "(or clone with --recurse-submodules) to run the QD-DETR vendor test"
@@ -161,14 +162,14 @@ def upstream_options(arguments: list[str]) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def upstream_on_path() -> Iterator[None]:
-    """Import QD-DETR from the submodule in this process, and forget it afterwards.
+def upstream_on_path(root: Path = QD_DETR_ROOT) -> Iterator[None]:
+    """Import QD-DETR from `root` (the submodule) in this process, and forget it afterwards.
 
     Bytecode is not written, so the submodule's work tree stays clean.
     """
     before = set(sys.modules)
     saved_path, saved_flag = list(sys.path), sys.dont_write_bytecode
-    sys.path.insert(0, str(QD_DETR_ROOT))
+    sys.path.insert(0, str(root))
     sys.dont_write_bytecode = True
     try:
         yield

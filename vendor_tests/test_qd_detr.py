@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from qd_detr_support import (
+    ONE_LINE_PATCH,
     QD_DETR_ROOT,
     SKIP_MESSAGE,
     cpu_shims,
@@ -272,3 +274,41 @@ def test_t2v_attn_mask_rows_are_read_as_pytorch_reads_them(upstream: None, tmp_p
         )[0]
     assert not torch.allclose(upstream_rows, intended_rows, atol=1e-3)
     torch.testing.assert_close(patched_rows, upstream_rows, atol=1e-5, rtol=1e-5)
+
+
+def test_one_line_patch_applies_at_the_pin_and_patches_setup_model(
+    upstream: None, tmp_path: Path
+) -> None:
+    """The one-line alternative: upstream's `setup_model` patches the model itself, before
+    its optimizer and its strict load of an unpatched checkpoint."""
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to apply integration/patches/QD-DETR.patch")
+    check = subprocess.run(
+        ["git", "apply", "--check", str(ONE_LINE_PATCH)],
+        cwd=QD_DETR_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    copy_root = tmp_path / "QD-DETR"
+    shutil.copytree(
+        QD_DETR_ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "results", "run_on_video")
+    )
+    subprocess.run(["git", "apply", str(ONE_LINE_PATCH)], cwd=copy_root, check=True)
+    data = write_dataset(tmp_path / "data", n_train=1, n_val=1)
+    arguments = train_arguments(data, tmp_path / "results", n_epoch=1)
+    with upstream_on_path(copy_root), cpu_shims():
+        from qd_detr.inference import setup_model
+
+        opt = upstream_options(arguments)
+        checkpoint = tmp_path / "unpatched.ckpt"
+        torch.save(
+            {"model": build_upstream_model(opt).state_dict(), "epoch": 0, "opt": opt}, checkpoint
+        )
+        opt.resume = str(checkpoint)
+        model, _, optimizer, _ = setup_model(opt)
+    assert len(lcaam_patch.patched_sites(model)) == 4
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    generators = [p for name, p in model.named_parameters() if is_lcaam_key(name)]
+    assert generators and all(id(p) in optimized for p in generators)
