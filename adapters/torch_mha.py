@@ -36,7 +36,10 @@ class MultiheadAttentionAdapter(Adapter):
     def geometry(
         self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
     ) -> SiteGeometry:
-        """Reject add_zero_attn/add_bias_kv; bounds come from max_tokens/max_kv_tokens."""
+        """Reject add_zero_attn/add_bias_kv; bounds come from max_tokens/max_kv_tokens.
+
+        generator="lowrank" needs no bound; it reads the key tokens (width `kdim`).
+        """
         for option, active in (
             ("add_zero_attn", module.add_zero_attn),
             ("add_bias_kv", module.bias_k is not None),
@@ -48,7 +51,7 @@ class MultiheadAttentionAdapter(Adapter):
                     f"{option}=False or exclude it with exclude=[{path!r}]"
                 )
         max_kv = config.max_kv_tokens or config.max_tokens
-        if max_kv is None:
+        if max_kv is None and config.generator != "lowrank":
             raise MissingBoundError(
                 f"nn.MultiheadAttention at {path!r} does not know how many tokens it sees; pass "
                 f"max_tokens=N (the longest query sequence) and, for cross-attention, "
@@ -57,7 +60,9 @@ class MultiheadAttentionAdapter(Adapter):
         cross = not module._qkv_same_embed_dim or (
             config.max_kv_tokens is not None and config.max_kv_tokens != config.max_tokens
         )
-        return SiteGeometry(module.embed_dim, config.max_tokens, max_kv, "cross" if cross else "self")
+        return SiteGeometry(
+            module.embed_dim, config.max_tokens, max_kv, "cross" if cross else "self", kv_embed_dim=module.kdim
+        )
 
     def prepare(self, module: nn.Module, root: nn.Module) -> list[nn.Module]:
         """Keep fused fast paths of enclosing `nn.Transformer*` modules from bypassing the patch."""
@@ -123,6 +128,7 @@ class MultiheadAttentionAdapter(Adapter):
             attn_mask=bias,
             dropout_p=module.dropout if module.training else 0.0,
             need_weights=need_weights,
+            kv_tokens=key,
         )
         out = out.transpose(1, 2).reshape(B, L, E)
         out = F.linear(out, module.out_proj.weight, module.out_proj.bias)

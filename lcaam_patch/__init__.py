@@ -4,7 +4,8 @@
     model = lcaam_patch.apply(model, mode="multilayer", fusion="mul")
 """
 
-from .attention import AttentionBackend, AttentionRequest, lcaam_attention, register_backend
+from . import backends_flex, backends_triton  # noqa: F401 - register the flex and triton backends
+from .attention import AttentionBackend, AttentionRequest, LowRankMask, lcaam_attention, register_backend
 from .capture import Capture, capture
 from .config import LCAAMConfig
 from .cost import CostRow, CostTable, cost
@@ -22,6 +23,7 @@ from .errors import (
     UpstreamVersionError,
 )
 from .generator import MaskGenerator
+from .lowrank import LowRankGenerator
 from .injector import SurveyEntry, apply, is_patched, patched_sites, remove, survey
 from .registry import (
     Adapter,
@@ -50,6 +52,8 @@ __all__ = [
     "LCAAMConfig",
     "LCAAMError",
     "LCAAMSite",
+    "LowRankGenerator",
+    "LowRankMask",
     "MaskGenerator",
     "MissingBoundError",
     "NoAttentionFoundError",

@@ -19,17 +19,87 @@ import torch.nn.functional as F
 
 
 @dataclasses.dataclass(frozen=True)
+class LowRankMask:
+    """M = A·Bᵀ kept as its factors: A (B, Nq, R) from the query tokens, B (B, Nk, R) from the keys.
+
+    Backends with `accepts_lowrank = True` receive the factors; the others get `dense()`.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of M, (B, Nq, Nk)."""
+        return torch.Size((self.a.shape[0], self.a.shape[-2], self.b.shape[-2]))
+
+    def dense(self) -> torch.Tensor:
+        """M itself, (B, Nq, Nk)."""
+        return self.a @ self.b.transpose(-2, -1)
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionRequest:
-    """What one call asks of a backend: enough to decide whether it can serve it."""
+    """What one call asks of a backend: enough to decide whether it can serve it.
+
+    Attributes:
+        fusion, need_weights, device_type, dtype: as passed to `lcaam_attention`.
+        attn_mask: the upstream mask's kind: "none", "bool" or "float".
+        attn_mask_grad: whether a float upstream mask needs a gradient.
+        is_causal: whether causal masking is asked.
+        dropout: whether dropout on the weights is asked.
+        head_dim, value_dim: D of q/k and Dv of v; None when unknown.
+        mask_form: "dense" (M is a tensor) or "lowrank" (M is a `LowRankMask`).
+    """
 
     fusion: str
     need_weights: bool
     device_type: str
     dtype: torch.dtype
+    attn_mask: str = "none"
+    attn_mask_grad: bool = False
+    is_causal: bool = False
+    dropout: bool = False
+    head_dim: int | None = None
+    value_dim: int | None = None
+    mask_form: str = "dense"
+
+    @classmethod
+    def of_call(
+        cls,
+        q: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | LowRankMask,
+        *,
+        fusion: str,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        need_weights: bool,
+    ) -> AttentionRequest:
+        """The request of one `lcaam_attention` call."""
+        kind = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
+        return cls(
+            fusion,
+            need_weights,
+            q.device.type,
+            q.dtype,
+            attn_mask=kind,
+            attn_mask_grad=kind == "float" and attn_mask.requires_grad and torch.is_grad_enabled(),
+            is_causal=is_causal,
+            dropout=dropout_p > 0.0,
+            head_dim=q.shape[-1],
+            value_dim=v.shape[-1],
+            mask_form="lowrank" if isinstance(mask, LowRankMask) else "dense",
+        )
 
 
 class AttentionBackend(Protocol):
-    """A way to compute LCAAM attention; see `lcaam_attention` for the arguments."""
+    """A way to compute LCAAM attention; see `lcaam_attention` for the arguments.
+
+    A backend that sets the attribute `accepts_lowrank = True` receives a `LowRankMask`
+    as `mask` when the generator is factorized; every other backend gets a dense M.
+    """
 
     def supports(self, request: AttentionRequest) -> bool:
         """Whether this backend computes `request` exactly."""
@@ -89,7 +159,7 @@ def lcaam_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | LowRankMask,
     *,
     fusion: str,
     scale: float,
@@ -103,7 +173,8 @@ def lcaam_attention(
 
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
-        mask: the LCAAM mask M, (B, Nq, Nk); the same for every head.
+        mask: the LCAAM mask M, (B, Nq, Nk), or its factors as a `LowRankMask`; the same
+            for every head.
         fusion: "mul" or "add".
         scale: the factor on QKᵀ, usually D ** -0.5.
         attn_mask: the upstream mask B, broadcastable to (B, H, Nq, Nk): bool with True
@@ -113,8 +184,13 @@ def lcaam_attention(
         need_weights: also return the weights (B, H, Nq, Nk), after dropout.
         backend: a registered backend name or "auto".
     """
-    request = AttentionRequest(fusion, need_weights, q.device.type, q.dtype)
+    request = AttentionRequest.of_call(
+        q, v, mask, fusion=fusion, attn_mask=attn_mask, is_causal=is_causal,
+        dropout_p=dropout_p, need_weights=need_weights,
+    )
     chosen = _BACKENDS[resolve_backend(backend, request)][1]
+    if isinstance(mask, LowRankMask) and not getattr(chosen, "accepts_lowrank", False):
+        mask = mask.dense()
     return chosen(
         q,
         k,
@@ -168,9 +244,11 @@ class EagerBackend:
         if is_causal:
             keep = _causal_keep(q.shape[-2], k.shape[-2], q.device)
             scores = scores.masked_fill(~keep, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
         if masked:
             dead_rows = torch.isneginf(scores).all(dim=-1, keepdim=True)
+            scores = scores.masked_fill(dead_rows, 0.0)
+        weights = torch.softmax(scores, dim=-1)
+        if masked:
             weights = weights.masked_fill(dead_rows, 0.0)
         weights = weights.to(q.dtype)
         if dropout_p > 0.0:

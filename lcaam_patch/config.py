@@ -13,6 +13,7 @@ MODES = ("multilayer", "global")
 FUSIONS = ("mul", "add")
 ACTIVATIONS = ("none", "sigmoid", "softplus")
 INITS = ("identity", "default")
+GENERATORS = ("mlp", "lowrank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,11 @@ class LCAAMConfig:
         max_kv_tokens: bound on the key tokens, i.e. the generator's output width.
         targets: glob patterns on module paths; only matching sites are patched.
         exclude: glob patterns on module paths; matching sites are left alone.
-        backend: "auto", "eager", "sdpa" or a backend registered later.
+        backend: "auto", "eager", "sdpa", "triton", "flex", "lowrank_sdpa" or a backend
+            registered later.
+        generator: "mlp" (the paper's Linear-ReLU stack, M (B, Nq, Nk) bounded by the token
+            counts) or "lowrank" (M = A·Bᵀ from query and key tokens, no token bound).
+        rank: R of the "lowrank" generator.
     """
 
     mode: str = "multilayer"
@@ -45,6 +50,8 @@ class LCAAMConfig:
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     backend: str = "auto"
+    generator: str = "mlp"
+    rank: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -54,7 +61,19 @@ class LCAAMConfig:
         from .attention import backend_names
 
         _check_choice("backend", self.backend, ("auto", *backend_names()))
+        _check_choice("generator", self.generator, GENERATORS)
         _check_positive_int("depth", self.depth)
+        _check_positive_int("rank", self.rank)
+        if self.generator == "mlp" and self.rank != 1:
+            raise InvalidOptionError(
+                f"rank={self.rank} applies to generator='lowrank' only; pass generator='lowrank' "
+                f"or drop rank"
+            )
+        if self.generator == "lowrank" and self.activation != "none":
+            raise InvalidOptionError(
+                f"generator='lowrank' keeps M = A·Bᵀ factorized, which activation="
+                f"{self.activation!r} would break; use activation='none' or generator='mlp'"
+            )
         for name in ("hidden", "max_tokens", "max_kv_tokens"):
             value = getattr(self, name)
             if value is not None:

@@ -25,6 +25,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .generator import MaskGenerator
+from .lowrank import LowRankGenerator
 from .registry import Adapter, SiteGeometry, get_preset, registered_adapters
 from .site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, StackMask, patched_forward
 from .state import forgive_missing_lcaam_keys
@@ -63,11 +64,14 @@ def apply(
     targets: str | Sequence[str] | None = _UNSET,
     exclude: str | Sequence[str] | None = _UNSET,
     backend: str = _UNSET,
+    generator: str = _UNSET,
+    rank: int = _UNSET,
 ) -> nn.Module:
     """Patch every supported attention module of `model` with LCAAM, in place.
 
     Defaults: mode="multilayer", fusion="mul", depth=1, hidden=None (the layer width),
-    activation="none", init="identity", backend="auto"; `preset` supplies a registered
+    activation="none", init="identity", backend="auto", generator="mlp" (rank=1 for
+    generator="lowrank"); `preset` supplies a registered
     set of options and the explicit arguments override it. See `LCAAMConfig` for each
     option. Everything is validated before the model is touched: on error the model is
     unchanged. Returns `model`.
@@ -86,6 +90,8 @@ def apply(
             targets=targets,
             exclude=exclude,
             backend=backend,
+            generator=generator,
+            rank=rank,
         ).items()
         if value is not _UNSET
     }
@@ -262,12 +268,17 @@ def _check_backend(config: LCAAMConfig, module: nn.Module) -> None:
     reference = next(module.parameters(), None)
     device = reference.device.type if reference is not None else "cpu"
     dtype = reference.dtype if reference is not None else torch.float32
-    request = AttentionRequest(config.fusion, False, "cpu" if device == "meta" else device, dtype)
-    if not backend_supports(config.backend, request):
+    form = "lowrank" if config.generator == "lowrank" else "dense"
+    # a model patched on the CPU is often moved to the GPU afterwards
+    devices = sorted({"cpu" if device == "meta" else device, *(("cuda",) if torch.cuda.is_available() else ())})
+    if not any(
+        backend_supports(config.backend, AttentionRequest(config.fusion, False, d, dtype, mask_form=form))
+        for d in devices
+    ):
         raise InvalidOptionError(
-            f"backend={config.backend!r} cannot compute fusion={config.fusion!r} on "
-            f"{request.device_type}/{dtype}; use backend='auto' (or 'eager', which computes "
-            f"everything)"
+            f"backend={config.backend!r} cannot compute fusion={config.fusion!r} with "
+            f"generator={config.generator!r} on {'/'.join(devices)} in {dtype}; use backend='auto' "
+            f"(or 'eager', which computes everything)"
         )
 
 
@@ -293,10 +304,15 @@ def _group_into_stacks(planned: list[_PlannedSite]) -> None:
             member.stack = shared
 
 
-def _build_generators(planned: list[_PlannedSite], config: LCAAMConfig) -> dict[str, MaskGenerator]:
-    generators: dict[str, MaskGenerator] = {}
+def _build_generators(
+    planned: list[_PlannedSite], config: LCAAMConfig
+) -> dict[str, MaskGenerator | LowRankGenerator]:
+    generators: dict[str, MaskGenerator | LowRankGenerator] = {}
     for site in planned:
         if site.stack is not None and site.stack.leader != site.path:
+            continue
+        if config.generator == "lowrank":
+            generators[site.path] = _lowrank_generator(site, config)
             continue
         members = [s for s in planned if site.stack is not None and s.stack is site.stack]
         max_kv = max(s.geometry.max_kv_tokens for s in members or [site])
@@ -316,8 +332,26 @@ def _build_generators(planned: list[_PlannedSite], config: LCAAMConfig) -> dict[
     return generators
 
 
+def _lowrank_generator(site: _PlannedSite, config: LCAAMConfig) -> LowRankGenerator:
+    reference = next(site.module.parameters(), None)
+    return LowRankGenerator(
+        site.geometry.embed_dim,
+        site.geometry.kv_embed_dim or site.geometry.embed_dim,
+        config.rank,
+        depth=config.depth,
+        hidden=config.hidden,
+        fusion=config.fusion,
+        init=config.init,
+        device=reference.device if reference is not None else None,
+        dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
+    )
+
+
 def _patch(
-    root: nn.Module, site: _PlannedSite, config: LCAAMConfig, generator: MaskGenerator | None
+    root: nn.Module,
+    site: _PlannedSite,
+    config: LCAAMConfig,
+    generator: MaskGenerator | LowRankGenerator | None,
 ) -> None:
     module = site.module
     if generator is not None:
@@ -336,10 +370,10 @@ def _patch(
     patched.adapter_state = site.adapter.prepare(module, root)
 
 
-def generator_of(module: nn.Module) -> MaskGenerator | None:
+def generator_of(module: nn.Module) -> MaskGenerator | LowRankGenerator | None:
     """The generator a patched module owns, or None (unpatched or a global follower)."""
     generator = module._modules.get(GENERATOR_NAME)
-    return generator if isinstance(generator, MaskGenerator) else None
+    return generator if isinstance(generator, (MaskGenerator, LowRankGenerator)) else None
 
 
 def parameter_count(module: nn.Module | None) -> int:

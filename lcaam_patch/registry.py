@@ -33,14 +33,18 @@ class SiteGeometry:
     Attributes:
         embed_dim: width of the query tokens the generator reads.
         max_q_tokens: bound on query tokens (None when the adapter has no bound).
-        max_kv_tokens: bound on key tokens: the generator's output width.
+        max_kv_tokens: bound on key tokens: the generator's output width (None only
+            where the options need no bound, i.e. generator="lowrank").
         kind: "self" or "cross".
+        kv_embed_dim: width of the key tokens a "lowrank" generator reads; None when it
+            equals `embed_dim`.
     """
 
     embed_dim: int
     max_q_tokens: int | None
-    max_kv_tokens: int
+    max_kv_tokens: int | None
     kind: str
+    kv_embed_dim: int | None = None
 
 
 class Adapter(abc.ABC):

@@ -7,8 +7,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .attention import lcaam_attention
+from .attention import AttentionRequest, LowRankMask, lcaam_attention, resolve_backend
 from .errors import LCAAMError
+from .lowrank import LowRankGenerator
 from .registry import Adapter, SiteGeometry
 
 GENERATOR_NAME = "lcaam"
@@ -63,6 +64,7 @@ class LCAAMSite:
         fusion, backend: how M is fused and which backend computes the attention.
         stack: the shared mask in `mode="global"`, else None.
         adapter_state: what the adapter's `prepare` returned, for its `restore`.
+        last_backend: the backend that computed the latest call (None before the first).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class LCAAMSite:
         self.stack = stack
         self.adapter_state: Any = None
         self.recorder: Recorder | None = None
+        self.last_backend: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "recorder": None}
@@ -92,10 +95,20 @@ class LCAAMSite:
         """Whether this site's module carries a generator (False for global followers)."""
         return self.stack is None or self.stack.leader == self.path
 
-    def mask(self, module: nn.Module, x: torch.Tensor, num_kv_tokens: int) -> torch.Tensor:
-        """M (B, Nq, Nk) for query tokens `x` (B, Nq, D)."""
+    def mask(
+        self, module: nn.Module, x: torch.Tensor, num_kv_tokens: int, kv_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor | LowRankMask:
+        """M (B, Nq, Nk) for query tokens `x` (B, Nq, D) and key tokens `kv_tokens`.
+
+        A "lowrank" generator reads the key tokens (default: `x`, self-attention) and
+        returns the factors of M as a `LowRankMask`.
+        """
         if self.owns_generator:
-            mask = getattr(module, GENERATOR_NAME)(x, num_kv_tokens)
+            generator = getattr(module, GENERATOR_NAME)
+            if isinstance(generator, LowRankGenerator):
+                mask = generator(x, kv_tokens)
+            else:
+                mask = generator(x, num_kv_tokens)
             if self.stack is not None:
                 self.stack.mask = mask
             return mask
@@ -123,11 +136,25 @@ class LCAAMSite:
         is_causal: bool = False,
         dropout_p: float = 0.0,
         need_weights: bool = False,
+        kv_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """LCAAM attention of (B, H, N, D) q, k, v whose query tokens are `x` (B, Nq, D)."""
-        mask = self.mask(module, x, k.shape[-2])
+        """LCAAM attention of (B, H, N, D) q, k, v whose query tokens are `x` (B, Nq, D).
+
+        `kv_tokens` (B, Nk, Dk) are the key tokens, which a "lowrank" generator reads;
+        None means `x` (self-attention).
+        """
+        if kv_tokens is None:
+            mask = self.mask(module, x, k.shape[-2])
+        else:
+            mask = self.mask(module, x, k.shape[-2], kv_tokens)
         if self.recorder is not None:
-            self.recorder.record(self, mask, q, k, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
+            dense = mask.dense() if isinstance(mask, LowRankMask) else mask
+            self.recorder.record(self, dense, q, k, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
+        request = AttentionRequest.of_call(
+            q, v, mask, fusion=self.fusion, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=dropout_p, need_weights=need_weights,
+        )
+        self.last_backend = resolve_backend(self.backend, request)
         return lcaam_attention(
             q,
             k,
@@ -139,7 +166,7 @@ class LCAAMSite:
             is_causal=is_causal,
             dropout_p=dropout_p,
             need_weights=need_weights,
-            backend=self.backend,
+            backend=self.last_backend,
         )
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .attention import AttentionRequest, resolve_backend
 from .injector import generator_of, parameter_count, patched_sites
+from .lowrank import LowRankGenerator
 from .state import _require_patched
 
 
@@ -19,7 +20,7 @@ class SiteSummary:
     adapter: str
     kind: str
     max_q_tokens: int | None
-    max_kv_tokens: int
+    max_kv_tokens: int | None
     fusion: str
     backend: str
     generator: str
@@ -47,7 +48,8 @@ class PatchSummary:
                 s.path,
                 s.adapter,
                 s.kind,
-                f"{s.max_q_tokens if s.max_q_tokens is not None else '-'}×{s.max_kv_tokens}",
+                f"{s.max_q_tokens if s.max_q_tokens is not None else '-'}×"
+                f"{s.max_kv_tokens if s.max_kv_tokens is not None else '-'}",
                 s.fusion,
                 s.backend,
                 s.generator,
@@ -69,20 +71,31 @@ class PatchSummary:
 
 
 def summary(model: nn.Module) -> PatchSummary:
-    """Describe the LCAAM sites of a patched model; `print()` it for a table."""
+    """Describe the LCAAM sites of a patched model; `print()` it for a table.
+
+    With backend="auto" the backend column reads "auto→NAME": the backend that computed
+    the site's latest call, or before any forward the one auto picks for a call without
+    upstream mask on the model's device and dtype.
+    """
     _require_patched(model, "summary")
     reference = next(model.parameters())
     rows = []
-    for path, module, site in patched_sites(model):
+    sites = patched_sites(model)
+    owners = {site.path: module for _, module, site in sites}
+    for path, module, site in sites:
         generator = generator_of(module)
-        if generator is not None:
+        if isinstance(generator, LowRankGenerator):
+            description = f"lowrank r={generator.rank}, 2×{len(generator.query)}×Linear"
+        elif generator is not None:
             description = f"{len(generator.layers)}×Linear→{generator.max_kv_tokens}"
         else:
             description = f"shared ({site.stack.leader})" if site.stack else "-"
         backend = site.backend
         if backend == "auto":
-            request = AttentionRequest(site.fusion, False, reference.device.type, reference.dtype)
-            backend = f"auto→{resolve_backend('auto', request)}"
+            owner = owners.get(site.stack.leader, module) if site.stack is not None else module
+            form = "lowrank" if isinstance(generator_of(owner), LowRankGenerator) else "dense"
+            request = AttentionRequest(site.fusion, False, reference.device.type, reference.dtype, mask_form=form)
+            backend = f"auto→{site.last_backend or resolve_backend('auto', request)}"
         rows.append(
             SiteSummary(
                 path=path or "(root)",
@@ -98,4 +111,3 @@ def summary(model: nn.Module) -> PatchSummary:
         )
     lcaam = sum(r.generator_params for r in rows)
     return PatchSummary(tuple(rows), lcaam, parameter_count(model))
-

@@ -28,7 +28,8 @@ from conftest import assert_unchanged, snapshot, tiny_vit
     [
         ("mode", "layerwise", "'multilayer', 'global'"),
         ("fusion", "concat", "'mul', 'add'"),
-        ("backend", "cuda-magic", "'auto', 'sdpa', 'eager'"),
+        ("backend", "cuda-magic", "'auto', 'lowrank_sdpa', 'triton', 'flex', 'sdpa', 'eager'"),
+        ("generator", "dense", "'mlp', 'lowrank'"),
         ("activation", "tanh", "'none', 'sigmoid', 'softplus'"),
         ("init", "zeros", "'identity', 'default'"),
     ],
