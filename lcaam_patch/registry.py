@@ -57,10 +57,11 @@ class Adapter(abc.ABC):
 
     `presets` maps a preset name to options of `apply`. `builders` maps a preset name to
     the upstream functions that build the model, as "module:attribute" strings (e.g.
-    "qd_detr.inference:build_model", the name the training script calls); `lcaam-patch run
-    --preset NAME` wraps them so the model they return (or the first item of a returned
-    tuple) is patched before the script sees it. `builder_options` may read further
-    options (token bounds) off the builder's arguments.
+    "qd_detr.model:build_model"); `lcaam-patch run --preset NAME` wraps each one right after
+    its module is imported, so later `from module import attribute` statements get the
+    wrapper, and the model it returns (or the first item of a returned tuple) is patched
+    before the script sees it. `builder_options` may read further options (token bounds)
+    off the builder's arguments.
     """
 
     name: str = ""
