@@ -55,7 +55,7 @@ class QDDETRAdapter(MultiheadAttentionAdapter):
     name = "qd_detr"
     priority = 10
     presets = {"qd_detr": {"mode": "multilayer", "fusion": "mul", "depth": 32, "hidden": 256}}
-    builders = {"qd_detr": ("qd_detr.inference:build_model",)}
+    builders = {"qd_detr": ("qd_detr.model:build_model",)}
 
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """The encoder `nn.MultiheadAttention`s of a `qd_detr.model.QDDETR` root."""

@@ -171,4 +171,4 @@ def test_misuse_is_reported_with_the_fix(fake_upstream: Path, tmp_path: Path) ->
 
 
 def test_qd_detr_preset_wraps_upstreams_builder() -> None:
-    assert launcher.builder_targets("qd_detr") == ("qd_detr.inference:build_model",)
+    assert launcher.builder_targets("qd_detr") == ("qd_detr.model:build_model",)

@@ -55,6 +55,7 @@ class TrainingRun:
     output: str
     opt: Any
     unpatched_checkpoint: Path
+    eval_path: Path
     wall_s: float
 
 
@@ -83,6 +84,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu")
 
 
+def launch(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """`PYTHONPATH=. lcaam-patch run --preset qd_detr --depth 2 --hidden 64 -- SCRIPT ARGS`
+    in the submodule, with the CPU shims."""
+    generator = [f"--{name}={value}" for name, value in GENERATOR.items()]
+    command = [sys.executable, str(SUPPORT_SCRIPT), "run", "--preset", "qd_detr", *generator]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")])),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return subprocess.run(
+        [*command, "--", script, *arguments],
+        cwd=QD_DETR_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def training_run(upstream: None, tmp_path_factory: pytest.TempPathFactory) -> TrainingRun:
     """Train through `lcaam-patch run`, resuming from a checkpoint of the unpatched model."""
@@ -95,31 +117,13 @@ def training_run(upstream: None, tmp_path_factory: pytest.TempPathFactory) -> Tr
         unpatched = build_upstream_model(opt)
     checkpoint = root / "unpatched.ckpt"
     torch.save({"model": unpatched.state_dict(), "epoch": 0, "opt": opt}, checkpoint)
-    generator = [f"--{name}={value}" for name, value in GENERATOR.items()]
-    command = [
-        sys.executable, str(SUPPORT_SCRIPT), "run", "--preset", "qd_detr", *generator,
-        "--", "qd_detr/train.py", *arguments, "--resume", str(checkpoint),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")])),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
     started = time.monotonic()
-    result = subprocess.run(
-        command,
-        cwd=QD_DETR_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
+    result = launch("qd_detr/train.py", *arguments, "--resume", str(checkpoint))
     wall_s = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"upstream training failed:\n{output[-6000:]}"
     (results_dir,) = (root / "results").iterdir()
-    return TrainingRun(results_dir, output, opt, checkpoint, wall_s)
+    return TrainingRun(results_dir, output, opt, checkpoint, data.eval_path, wall_s)
 
 
 def patched_model(opt: Any) -> nn.Module:
@@ -186,6 +190,27 @@ def test_best_checkpoint_holds_lcaam_weights_and_reloads_strictly(
         for i in (0, 1)
     }
     model.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_upstream_inference_script_evaluates_the_patched_checkpoint(
+    training_run: TrainingRun,
+) -> None:
+    best = training_run.results_dir / "model_best.ckpt"
+    result = launch(
+        "qd_detr/inference.py",
+        *(
+            "--resume",
+            str(best),
+            "--eval_split_name",
+            "val",
+            "--eval_path",
+            str(training_run.eval_path),
+        ),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"upstream inference failed:\n{output[-6000:]}"
+    assert "lcaam-patch: patched 4 attention modules of QDDETR" in output
+    assert "metrics_no_nms" in output
 
 
 def test_lcaam_parameters_were_in_the_optimizer_and_trained(training_run: TrainingRun) -> None:
