@@ -26,6 +26,12 @@ import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
+# tl.max, tl.sum and tl.zeros are @triton.jit functions decorated when Triton was imported:
+# the interpreter cannot call them unless TRITON_INTERPRET=1 was set before that import.
+# Reducing with their combine functions (and tl.full) computes the same in both modes.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [
@@ -106,8 +112,8 @@ def _fwd(
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
@@ -132,11 +138,11 @@ def _fwd(
             q, k, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
             FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
         )
-        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_new = tl.maximum(m_i, tl.reduce(z, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(z - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         p_mm = p.to(V.dtype.element_ty)
         if UPCAST:
             p_mm = p_mm.to(tl.float32)
@@ -193,8 +199,8 @@ def _bwd_dkdv_dm(
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+        dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
         for start_m in range(lo, NQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < NQ
@@ -288,7 +294,7 @@ def _bwd_dq(
         do = do.to(tl.float32)
     lse = tl.load(LSE + (b * H + h) * NQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + (b * H + h) * NQ + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
