@@ -65,7 +65,8 @@ from lcaam_patch.site import LCAAMSite
 
 MODEL_MODULE = "src.modeling.video_captioning_e2e_vid_swin_bert"
 BERT_MODULE = "src.layers.bert.modeling_bert"
-BUILDER = f"{MODEL_MODULE}:VideoTransformer"
+# the constructor, not the class: VideoTransformer's methods call super(VideoTransformer, self)
+BUILDER = f"{MODEL_MODULE}:VideoTransformer.__init__"
 _BERT_SITE = re.compile(r"(?:(?P<model>.+)\.)?trans_encoder\.bert\.encoder\.layer\.\d+\.attention\.self")
 
 
@@ -78,9 +79,8 @@ class _FrozenMask:
 
 
 def _upstream_class(module_name: str, attribute: str) -> type[nn.Module] | None:
-    """An upstream class among imported modules, unwrapped if the launcher wrapped it."""
+    """An upstream class, if its module is imported."""
     found = getattr(sys.modules.get(module_name), attribute, None)
-    found = getattr(found, "__wrapped__", found)
     return found if isinstance(found, type) else None
 
 
@@ -126,6 +126,11 @@ class SwinBERTAdapter(Adapter):
         self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
     ) -> SiteGeometry | None:
         """Video site: M×M over the video tokens. BERT sites (multilayer only): (T + M)²."""
+        if getattr(config, "generator", "mlp") != "mlp":
+            raise UnsupportedModuleError(
+                f"{path!r}: SwinBERT's sites place the generator's columns on text and video "
+                f"keys, which needs the dense generator; use generator='mlp'"
+            )
         if config.max_kv_tokens is not None:
             raise InvalidOptionError(
                 "SwinBERT's keys are its text tokens and its video tokens, whose count the model "

@@ -5,7 +5,10 @@ that build the model ("module:attribute"). `run` registers a wrapt post-import h
 each of those modules; when the script imports one, the attribute is wrapped so that the
 model it returns (or the first item of a returned tuple) goes through
 `lcaam_patch.apply(model, preset=..., **options)` before the script sees it, so the LCAAM
-parameters exist before the optimizer is built and before any checkpoint is loaded. The
+parameters exist before the optimizer is built and before any checkpoint is loaded. A
+class's `__init__` may be the builder too ("module:Class.__init__"): the instance is
+patched when it returns. Name it instead of the class where the class's own methods name
+it (`super(Class, self)`), which a wrapper put in place of the class would break. The
 script runs as `__main__` with `sys.argv` and `sys.path[0]` set as `python script.py`
 would set them (the script's directory is put in front of the current path).
 """
@@ -147,6 +150,8 @@ def _patching_wrapper(session: _Session) -> Any:
         if not session.active:
             return result
         model = result[0] if isinstance(result, tuple) and result else result
+        if result is None and isinstance(instance, nn.Module):
+            model = instance  # a wrapped Class.__init__ built `instance`
         if not isinstance(model, nn.Module):
             raise LauncherError(
                 f"the builder wrapped for preset {session.preset!r} returned "
