@@ -13,7 +13,8 @@ Sites of a `llama.llama_adapter.LLaMA_adapter` model (paths relative to it):
   `self.attention.forward(...)` directly, so forward hooks never fire; the patch replaces the
   instance's `forward` attribute, which that call reads. M is fused into QKᵀ/√d before the
   additive causal mask; the adapter-prompt softmax (gated by `gate`) is left as upstream
-  computes it.
+  computes it. A "lowrank" generator reads the key tokens, so in eval mode the tokens of
+  the cached keys are kept beside upstream's KV cache.
 
 Token bounds are read off the model: `query_len` + CLIP's positional-embedding length for
 the visual blocks, the latter for CLIP, `max_seq_len` for LLaMA (keys include the KV
@@ -43,6 +44,7 @@ from torch import nn
 from lcaam_patch.config import LCAAMConfig
 from lcaam_patch.errors import UnsupportedModuleError
 from lcaam_patch.injector import generator_of
+from lcaam_patch.lowrank import LowRankGenerator
 from lcaam_patch.registry import Adapter, SiteGeometry
 from lcaam_patch.site import LCAAMSite
 
@@ -53,6 +55,7 @@ MODEL_MODULE = "llama.llama_adapter"
 LLAMA_MODULE = "llama.llama"
 BUILDER = "llama.llama_adapter:LLaMA_adapter"
 FREEZER = "get_trainable_params"
+TOKEN_CACHE = "_lcaam_token_cache"
 
 VISUAL_TARGETS = ("visual_blocks.*.attn",)
 CLIP_TARGETS = ("clip.visual.transformer.resblocks.*.attn",)
@@ -161,9 +164,10 @@ class LLaMAAdapterAdapter(Adapter):
         return state
 
     def restore(self, module: nn.Module, state: _SiteState) -> None:
-        """Undo `prepare`: the MHA adapter's hooks and the freezer wrap."""
+        """Undo `prepare`: the MHA adapter's hooks, the key-token cache and the freezer wrap."""
         if type(module) is nn.MultiheadAttention:
             _MHA.restore(module, state.mha)
+        vars(module).pop(TOKEN_CACHE, None)
         root = state.root
         if root is not None and _is_freezer_wrap(vars(root).get(FREEZER)):
             if state.previous_freezer is None:
@@ -188,10 +192,9 @@ def freeze_then_keep_lcaam_trainable(root: nn.Module, original: Any, *args: Any,
 
 
 def cast_to_generator_dtype(generator: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: the generator's input in the generator's (fp32) dtype."""
-    x, *rest = args
-    dtype = generator.layers[0].weight.dtype
-    return (x.to(dtype), *rest) if x.dtype != dtype else args
+    """Forward pre-hook: the generator's input tokens in the generator's (fp32) dtype."""
+    dtype = next(generator.parameters()).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _make_trainable(generator: nn.Module) -> None:
@@ -250,6 +253,7 @@ def _llama_attention_forward(
     rotary = sys.modules[type(module).__module__].apply_rotary_emb
     q, k = rotary(q.view(bsz, seqlen, heads, head_dim), k.view(bsz, seqlen, heads, head_dim), freqs_cis=freqs_cis)
     v = v.view(bsz, seqlen, heads, head_dim)
+    key_tokens = None
     if not module.training:
         module.cache_k = module.cache_k.to(q)
         module.cache_v = module.cache_v.to(q)
@@ -257,8 +261,11 @@ def _llama_attention_forward(
         module.cache_v[:bsz, start_pos : start_pos + seqlen] = v
         k = module.cache_k[:bsz, : start_pos + seqlen]
         v = module.cache_v[:bsz, : start_pos + seqlen]
+        if isinstance(generator_of(module), LowRankGenerator):
+            key_tokens = _cached_key_tokens(module, x, start_pos)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, _ = site.attend(module, x, q, k, v, scale=1.0 / math.sqrt(head_dim), attn_mask=mask)
+    scale = 1.0 / math.sqrt(head_dim)
+    out, _ = site.attend(module, x, q, k, v, scale=scale, attn_mask=mask, kv_tokens=key_tokens)
     if adapter is not None:
         out = out + _adapter_prompt(module, q, adapter)
     out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
@@ -266,6 +273,18 @@ def _llama_attention_forward(
     if module.w_lora:
         result = result + module.lora_wo_l2(module.lora_wo_l1(out))
     return result
+
+
+def _cached_key_tokens(module: nn.Module, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """The tokens of every cached key, for a "lowrank" generator (which reads key tokens):
+    kept beside upstream's KV cache, with the same layout."""
+    bsz, seqlen, dim = x.shape
+    shape = (module.args.max_batch_size, module.args.max_seq_len, dim)
+    cache = vars(module).get(TOKEN_CACHE)
+    cache = x.new_zeros(shape) if cache is None or cache.shape != shape else cache.to(x)
+    setattr(module, TOKEN_CACHE, cache)
+    cache[:bsz, start_pos : start_pos + seqlen] = x
+    return cache[:bsz, : start_pos + seqlen]
 
 
 def _with_lora(module: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:

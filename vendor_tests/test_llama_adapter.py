@@ -173,19 +173,22 @@ def _generate_logits(model: nn.Module, tokens: torch.Tensor, images: torch.Tenso
     return logits
 
 
-def test_kv_cache_generation_with_lcaam(build):
+@pytest.mark.parametrize("options", [{}, {"generator": "lowrank", "rank": 2}], ids=["mlp", "lowrank"])
+def test_kv_cache_generation_with_lcaam(build, options):
     model = build().eval()
     batch = support.synthetic_batches(model, 1)[0]
     tokens, images = batch[0][:, :12], batch[3]
     reference = _generate_logits(model, tokens, images, prefix=8)
-    identity = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS).eval()
+    identity = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, **options).eval()
     for got, expected in zip(_generate_logits(identity, tokens, images, prefix=8), reference):
         torch.testing.assert_close(got, expected)
-    trained = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, init="default").eval()
+    trained = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, init="default", **options).eval()
     step_by_step = _generate_logits(trained, tokens, images, prefix=8)[-1]
     whole = trained.forward_inference(trained.forward_visual(images), tokens, 0)
     torch.testing.assert_close(step_by_step, whole)
     assert not torch.allclose(whole, reference[-1], atol=1e-3)
+    lcaam_patch.remove(trained)
+    assert not any("_lcaam" in name for module in trained.modules() for name in vars(module))
 
 
 def _upstream_substrings(model: nn.Module) -> set[str]:
