@@ -126,7 +126,7 @@ class SwinBERTAdapter(Adapter):
         self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
     ) -> SiteGeometry | None:
         """Video site: M×M over the video tokens. BERT sites (multilayer only): (T + M)²."""
-        if getattr(config, "generator", "mlp") != "mlp":
+        if config.generator != "mlp":
             raise UnsupportedModuleError(
                 f"{path!r}: SwinBERT's sites place the generator's columns on text and video "
                 f"keys, which needs the dense generator; use generator='mlp'"
