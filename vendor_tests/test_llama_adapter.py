@@ -279,26 +279,34 @@ def test_adapter_export_with_lcaam_keys_loads_as_llama_load_does(build, tmp_path
     assert sorted(unexpected) == sorted(lcaam_patch.lcaam_state_dict(model))
 
 
+def _checked_out_source(git: str, relative: str) -> str:
+    """A file of the submodule as committed at its checked-out pin (the work tree may carry
+    the patch already), or as in the work tree where the submodule is no git checkout."""
+    if (support.SUBMODULE / ".git").exists():
+        shown = subprocess.run([git, "show", f"HEAD:{relative}"], cwd=support.SUBMODULE, capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+    return (support.SUBMODULE / relative).read_text()
+
+
 def test_the_patch_applies_at_the_pin_right_after_the_model_is_built(tmp_path):
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is not installed")
-    scripts = ("main_pretrain.py", "main_finetune.py")
-    copy_root = tmp_path / "upstream"
-    (copy_root / support.UPSTREAM.name).mkdir(parents=True)
+    scripts = [f"{support.UPSTREAM.name}/{name}" for name in ("main_pretrain.py", "main_finetune.py")]
+    (tmp_path / support.UPSTREAM.name).mkdir()
     for script in scripts:
-        shutil.copy(support.UPSTREAM / script, copy_root / support.UPSTREAM.name / script)
-    subprocess.run([git, "apply", str(support.PATCH)], cwd=copy_root, check=True)
+        (tmp_path / script).write_text(_checked_out_source(git, script))
+    subprocess.run([git, "apply", str(support.PATCH)], cwd=tmp_path, check=True)
     for script in scripts:
-        lines = (copy_root / support.UPSTREAM.name / script).read_text().splitlines()
+        lines = (tmp_path / script).read_text().splitlines()
         built = next(i for i, line in enumerate(lines) if "= LLaMA_adapter(" in line)
         assert lines[built + 1].strip() == 'import lcaam_patch; model = lcaam_patch.apply(model, preset="llama_adapter")'
         later = [next(i for i, line in enumerate(lines) if needle in line) for needle in ("model.to(device)", "DistributedDataParallel", "add_weight_decay")]
         assert built + 1 < min(later)
-        source = (support.UPSTREAM / script).read_text()
-        assert "from llama.llama_adapter import LLaMA_adapter" in source, "the launcher wraps llama.llama_adapter:LLaMA_adapter"
+        assert "from llama.llama_adapter import LLaMA_adapter" in lines, "the launcher wraps llama.llama_adapter:LLaMA_adapter"
     if (support.SUBMODULE / ".git").exists():
-        subprocess.run([git, "apply", "--check", str(support.PATCH)], cwd=support.SUBMODULE, check=True)
+        subprocess.run([git, "apply", "--check", "--cached", str(support.PATCH)], cwd=support.SUBMODULE, check=True)
 
 
 def test_launcher_patches_the_model_of_upstreams_pretraining_steps(tmp_path):
