@@ -119,9 +119,7 @@ class LLaMAAdapterAdapter(Adapter):
             return type(module) is _llama_attention_type()
         return False
 
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
         """Self-attention bounds: visual queries + CLIP tokens, CLIP tokens, or `max_seq_len`."""
         if type(module) is nn.MultiheadAttention:
             bound = config.max_tokens or _clip_tokens(root, path)
@@ -158,7 +156,9 @@ class LLaMAAdapterAdapter(Adapter):
             generator.register_forward_pre_hook(cast_to_generator_dtype)
         current = vars(root).get(FREEZER)
         if hasattr(root, FREEZER) and not _is_freezer_wrap(current):
-            original = current if current is not None else functools.partial(getattr(type(root), FREEZER), root)
+            original = (
+                current if current is not None else functools.partial(getattr(type(root), FREEZER), root)
+            )
             setattr(root, FREEZER, functools.partial(freeze_then_keep_lcaam_trainable, root, original))
             state.root, state.previous_freezer = root, current
         return state
@@ -251,7 +251,9 @@ def _llama_attention_forward(
     heads, head_dim = module.n_local_heads, module.head_dim
     q, k, v = _with_lora(module, x, "q"), _with_lora(module, x, "k"), _with_lora(module, x, "v")
     rotary = sys.modules[type(module).__module__].apply_rotary_emb
-    q, k = rotary(q.view(bsz, seqlen, heads, head_dim), k.view(bsz, seqlen, heads, head_dim), freqs_cis=freqs_cis)
+    q, k = rotary(
+        q.view(bsz, seqlen, heads, head_dim), k.view(bsz, seqlen, heads, head_dim), freqs_cis=freqs_cis
+    )
     v = v.view(bsz, seqlen, heads, head_dim)
     key_tokens = None
     if not module.training:

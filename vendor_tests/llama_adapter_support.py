@@ -51,7 +51,15 @@ SKIP_MESSAGE = (
     "integration/LLaMA-Adapter` (or clone with --recurse-submodules) to run the "
     "LLaMA-Adapter V2 vendor test"
 )
-UPSTREAM_PACKAGES = ("llama", "util", "data", "engine_pretrain", "engine_finetune", "main_pretrain", "main_finetune")
+UPSTREAM_PACKAGES = (
+    "llama",
+    "util",
+    "data",
+    "engine_pretrain",
+    "engine_finetune",
+    "main_pretrain",
+    "main_finetune",
+)
 STUBBED = ("clip", "sentencepiece", "torch._six")
 
 VOCAB_SIZE = 32000
@@ -127,7 +135,9 @@ class TinyCLIP(nn.Module):
         self.transformer = _Transformer(CLIP_WIDTH, 1, CLIP_HEADS)
 
 
-def _load_clip(name: str, device: Any = "cpu", jit: bool = False, download_root: str | None = None) -> tuple[nn.Module, Any]:
+def _load_clip(
+    name: str, device: Any = "cpu", jit: bool = False, download_root: str | None = None
+) -> tuple[nn.Module, Any]:
     return TinyCLIP(), torch.nn.Identity()
 
 
@@ -254,7 +264,9 @@ def open_gates(model: nn.Module, value: float = 0.5) -> None:
             layer.attention.gate.fill_(value)
 
 
-def synthetic_batches(model: nn.Module, count: int, batch_size: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+def synthetic_batches(
+    model: nn.Module, count: int, batch_size: int = 2, seed: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
     """Image/caption batches in the format of upstream's `PretrainDataset`.
 
     Each item is (tokens, labels, token mask, image): the caption prompt of upstream's
@@ -311,17 +323,20 @@ def pretrain(workdir: Path, steps: int = 2) -> dict[str, Any]:
     Model, `misc.add_weight_decay` groups, AdamW, `NativeScalerWithGradNormCount`,
     `engine_pretrain.train_one_epoch`, `misc.save_model`. Returns what the test checks.
     """
-    sys.path.insert(0, str(UPSTREAM))
-    import util.misc as misc
-    from engine_pretrain import train_one_epoch
-    from llama.llama_adapter import LLaMA_adapter
-    from util.misc import NativeScalerWithGradNormCount as NativeScaler
-
     import lcaam_patch
+
+    sys.path.insert(0, str(UPSTREAM))
+    # main_pretrain.py's imports, in its order: the launcher's post-import hook sees them so
+    from util import misc  # noqa: I001
+    from util.misc import NativeScalerWithGradNormCount as NativeScaler
+    from llama.llama_adapter import LLaMA_adapter
+    from engine_pretrain import train_one_epoch
 
     ckpt_dir, tokenizer = write_checkpoint_dir(workdir)
     model = LLaMA_adapter(str(ckpt_dir), str(tokenizer), phase="pretrain", **TINY_MODEL)
-    patched_at_build = [path for path, _, _ in lcaam_patch.patched_sites(model)] if lcaam_patch.is_patched(model) else []
+    patched_at_build = (
+        [path for path, _, _ in lcaam_patch.patched_sites(model)] if lcaam_patch.is_patched(model) else []
+    )
     model.to(torch.device("cpu"))
     open_gates(model)
     args = training_args(workdir)
@@ -331,8 +346,12 @@ def pretrain(workdir: Path, steps: int = 2) -> dict[str, Any]:
     in_groups = {id(p) for group in param_groups for p in group["params"]}
     lcaam = lcaam_parameters(model)
     before = {name: p.detach().clone() for name, p in lcaam.items()}
-    stats = train_one_epoch(model, synthetic_batches(model, steps), optimizer, torch.device("cpu"), 0, loss_scaler, args=args)
-    misc.save_model(args=args, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=loss_scaler, epoch=0)
+    stats = train_one_epoch(
+        model, synthetic_batches(model, steps), optimizer, torch.device("cpu"), 0, loss_scaler, args=args
+    )
+    misc.save_model(
+        args=args, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=loss_scaler, epoch=0
+    )
     return {
         "patched_at_build": patched_at_build,
         "lcaam_parameters": sorted(lcaam),

@@ -26,7 +26,7 @@ import lcaam_patch
 from lcaam_patch.errors import UnsupportedModuleError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_adapter_support as support  # noqa: E402
+import llama_adapter_support as support
 
 if not support.submodule_present():
     pytest.skip(support.SKIP_MESSAGE, allow_module_level=True)
@@ -78,11 +78,19 @@ def test_presets_patch_the_sites_they_name(build, preset, expected):
     model = lcaam_patch.apply(build(), preset=preset)
     assert site_paths(model) == expected
     depth = {"llama_adapter": 16}.get(preset, 1)
-    bounds = {"visual": TINY_VISUAL_TOKENS, "clip": support.CLIP_TOKENS, "llama": support.TINY_MODEL["max_seq_len"]}
+    bounds = {
+        "visual": TINY_VISUAL_TOKENS,
+        "clip": support.CLIP_TOKENS,
+        "llama": support.TINY_MODEL["max_seq_len"],
+    }
     for path, _, site in lcaam_patch.patched_sites(model):
         assert site.adapter.name == "llama_adapter"
         kind = "visual" if path.startswith("visual") else path.split(".")[0]
-        assert (site.geometry.max_q_tokens, site.geometry.max_kv_tokens, site.geometry.kind) == (bounds[kind], bounds[kind], "self")
+        assert (site.geometry.max_q_tokens, site.geometry.max_kv_tokens, site.geometry.kind) == (
+            bounds[kind],
+            bounds[kind],
+            "self",
+        )
         assert len(lcaam_patch.injector.generator_of(model.get_submodule(path)).layers) == depth
 
 
@@ -152,7 +160,9 @@ def test_llama_mask_is_fused_before_the_causal_mask_and_spares_the_adapter_promp
     torch.testing.assert_close(attention.forward(x, 0, freqs, mask), attention.wo(causal_mean))
     # the adapter-prompt attention adds exactly what it adds upstream, whatever M is
     prompt_part = attention.forward(x, 0, freqs, mask, prompt) - attention.forward(x, 0, freqs, mask)
-    upstream_part = upstream_forward(attention, x, 0, freqs, mask, prompt) - upstream_forward(attention, x, 0, freqs, mask)
+    upstream_part = upstream_forward(attention, x, 0, freqs, mask, prompt) - upstream_forward(
+        attention, x, 0, freqs, mask
+    )
     assert prompt_part.abs().max() > 1e-3
     torch.testing.assert_close(prompt_part, upstream_part)
 
@@ -164,7 +174,9 @@ def test_llama_attention_without_a_mask_is_refused(build):
         model.llama.layers[0].attention.forward(x, 0, freqs, None)
 
 
-def _generate_logits(model: nn.Module, tokens: torch.Tensor, images: torch.Tensor, prefix: int) -> list[torch.Tensor]:
+def _generate_logits(
+    model: nn.Module, tokens: torch.Tensor, images: torch.Tensor, prefix: int
+) -> list[torch.Tensor]:
     """Upstream's `forward_inference` as `generate` calls it: the prompt, then one token at a time."""
     visual_query = model.forward_visual(images)
     logits = [model.forward_inference(visual_query, tokens[:, :prefix], 0)]
@@ -182,7 +194,9 @@ def test_kv_cache_generation_with_lcaam(build, options):
     identity = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, **options).eval()
     for got, expected in zip(_generate_logits(identity, tokens, images, prefix=8), reference):
         torch.testing.assert_close(got, expected)
-    trained = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, init="default", **options).eval()
+    trained = lcaam_patch.apply(
+        copy.deepcopy(model), targets=support.ALL_TARGETS, init="default", **options
+    ).eval()
     step_by_step = _generate_logits(trained, tokens, images, prefix=8)[-1]
     whole = trained.forward_inference(trained.forward_visual(images), tokens, 0)
     torch.testing.assert_close(step_by_step, whole)
@@ -194,7 +208,11 @@ def test_kv_cache_generation_with_lcaam(build, options):
 def _upstream_substrings(model: nn.Module) -> set[str]:
     """The string constants of upstream's `get_trainable_params`: the substrings it freezes by."""
     tree = ast.parse(inspect.getsource(type(model).get_trainable_params).strip())
-    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
@@ -237,7 +255,7 @@ def test_generators_are_fp32_and_read_fp16_inputs(build):
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
 def test_upstream_training_trains_lcaam_and_its_checkpoints_keep_it(build, tmp_path, phase):
-    import util.misc as misc
+    from util import misc
 
     engine = __import__(f"engine_{phase}")
     model = lcaam_patch.apply(build(phase), preset="llama_adapter", targets=support.ALL_TARGETS)
@@ -251,11 +269,15 @@ def test_upstream_training_trains_lcaam_and_its_checkpoints_keep_it(build, tmp_p
     for name, parameter in lcaam.items():
         assert id(parameter) in (no_decay if name.endswith(".bias") else decay), name
     before = {name: p.detach().clone() for name, p in lcaam.items()}
-    stats = engine.train_one_epoch(model, support.synthetic_batches(model, 3), optimizer, torch.device("cpu"), 0, scaler, args=args)
+    stats = engine.train_one_epoch(
+        model, support.synthetic_batches(model, 3), optimizer, torch.device("cpu"), 0, scaler, args=args
+    )
     assert torch.isfinite(torch.tensor(stats["closs"]))
     unchanged = [name for name, p in lcaam.items() if torch.equal(p.detach(), before[name])]
     assert unchanged == []
-    misc.save_model(args=args, epoch=0, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=scaler)
+    misc.save_model(
+        args=args, epoch=0, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=scaler
+    )
     fresh = lcaam_patch.apply(build(phase, seed=1), preset="llama_adapter", targets=support.ALL_TARGETS)
     misc.load_model(fresh, str(tmp_path / "out" / "checkpoint-0.pth"))
     for name, parameter in support.lcaam_parameters(fresh).items():
@@ -265,10 +287,17 @@ def test_upstream_training_trains_lcaam_and_its_checkpoints_keep_it(build, tmp_p
 def test_adapter_export_with_lcaam_keys_loads_as_llama_load_does(build, tmp_path):
     model = lcaam_patch.apply(build("finetune"), targets=support.ALL_TARGETS, init="default")
     state = model.state_dict()
-    upstream_keys = [name for name, p in model.named_parameters() if p.requires_grad and name not in support.lcaam_parameters(model)]
+    upstream_keys = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and name not in support.lcaam_parameters(model)
+    ]
     small = {key: state[key] for key in upstream_keys}
     small.update(lcaam_patch.lcaam_state_dict(model))
-    torch.save({"model": small, "config": {"w_bias": True, "w_lora": False, "lora_rank": 16}}, tmp_path / "adapter.pth")
+    torch.save(
+        {"model": small, "config": {"w_bias": True, "w_lora": False, "lora_rank": 16}},
+        tmp_path / "adapter.pth",
+    )
     checkpoint = torch.load(tmp_path / "adapter.pth", map_location="cpu")
     patched = lcaam_patch.apply(build("finetune", seed=1), targets=support.ALL_TARGETS)
     assert patched.load_state_dict(checkpoint["model"], strict=False).unexpected_keys == []
@@ -283,7 +312,13 @@ def _checked_out_source(git: str, relative: str) -> str:
     """A file of the submodule as committed at its checked-out pin (the work tree may carry
     the patch already), or as in the work tree where the submodule is no git checkout."""
     if (support.SUBMODULE / ".git").exists():
-        shown = subprocess.run([git, "show", f"HEAD:{relative}"], cwd=support.SUBMODULE, capture_output=True, text=True)
+        shown = subprocess.run(
+            [git, "show", f"HEAD:{relative}"],
+            cwd=support.SUBMODULE,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if shown.returncode == 0:
             return shown.stdout
     return (support.SUBMODULE / relative).read_text()
@@ -301,21 +336,44 @@ def test_the_patch_applies_at_the_pin_right_after_the_model_is_built(tmp_path):
     for script in scripts:
         lines = (tmp_path / script).read_text().splitlines()
         built = next(i for i, line in enumerate(lines) if "= LLaMA_adapter(" in line)
-        assert lines[built + 1].strip() == 'import lcaam_patch; model = lcaam_patch.apply(model, preset="llama_adapter")'
-        later = [next(i for i, line in enumerate(lines) if needle in line) for needle in ("model.to(device)", "DistributedDataParallel", "add_weight_decay")]
+        assert (
+            lines[built + 1].strip()
+            == 'import lcaam_patch; model = lcaam_patch.apply(model, preset="llama_adapter")'
+        )
+        later = [
+            next(i for i, line in enumerate(lines) if needle in line)
+            for needle in ("model.to(device)", "DistributedDataParallel", "add_weight_decay")
+        ]
         assert built + 1 < min(later)
-        assert "from llama.llama_adapter import LLaMA_adapter" in lines, "the launcher wraps llama.llama_adapter:LLaMA_adapter"
+        assert "from llama.llama_adapter import LLaMA_adapter" in lines, (
+            "the launcher wraps llama.llama_adapter:LLaMA_adapter"
+        )
     if (support.SUBMODULE / ".git").exists():
-        subprocess.run([git, "apply", "--check", "--cached", str(support.PATCH)], cwd=support.SUBMODULE, check=True)
+        subprocess.run(
+            [git, "apply", "--check", "--cached", str(support.PATCH)], cwd=support.SUBMODULE, check=True
+        )
 
 
 def test_launcher_patches_the_model_of_upstreams_pretraining_steps(tmp_path):
     script = Path(support.__file__)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, str(script), "run", "--preset", "llama_adapter", "--", str(script), "pretrain", "--workdir", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command = [
+        sys.executable,
+        str(script),
+        "run",
+        "--preset",
+        "llama_adapter",
+        "--",
+        str(script),
+        "pretrain",
+        "--workdir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "lcaam-patch: patched 2 attention modules of LLaMA_adapter (preset 'llama_adapter')" in result.stderr
+    assert (
+        "lcaam-patch: patched 2 attention modules of LLaMA_adapter (preset 'llama_adapter')" in result.stderr
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["patched_at_build"] == VISUAL
     assert len(report["lcaam_parameters"]) == 2 * 16 * 2
