@@ -44,8 +44,20 @@ class MaskGenerator(nn.Module):
         self.fusion = fusion
         self.max_kv_tokens = max_kv_tokens
         self.site = site
+        self.reset_hidden_layers()
         if init == "identity":
             self.reset_to_identity()
+
+    def reset_hidden_layers(self) -> None:
+        """He (Kaiming) init for the layers followed by ReLU, biases at 0.
+
+        PyTorch's default Linear init shrinks the signal by about √3 per ReLU layer, so a
+        deep generator (the paper uses depth 16 and 32) would start blind to its input.
+        """
+        with torch.no_grad():
+            for layer in self.layers[:-1]:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                layer.bias.zero_()
 
     def reset_to_identity(self) -> None:
         """Set the last layer so that M equals the fusion's neutral value everywhere."""

@@ -210,3 +210,12 @@ def test_summary_lists_sites_and_totals():
     assert report.lcaam_params == 2 * (32 * 17 + 17)
     text = str(report)
     assert "blocks.1.attn" in text and "17×17" in text and "2 sites" in text
+
+
+def test_deep_generator_starts_sensitive_to_its_input():
+    generator = lcaam_patch.MaskGenerator(64, 20, depth=32, init="default")
+    first, second = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
+    hidden = [first, second]
+    for layer in generator.layers[:-1]:
+        hidden = [torch.relu(layer(h)) for h in hidden]
+    assert (hidden[0] - hidden[1]).abs().mean() > 0.1 * hidden[0].abs().mean()
