@@ -167,6 +167,48 @@ def test_triton_cross_attention_through_multihead_attention():
     assert "auto→triton" in str(lcaam_patch.summary(model))
 
 
+@needs_triton
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper_without_a_gpu():
+    """The compiled (not interpreted) kernels lower to sm_90 machine code within its shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lcaam_patch.kernels.attention import kernels
+
+    module = kernels(interpret=False)
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "DM": "*fp32", "Bias": "*i1"}
+    scalars = {"H", "NQ", "NK", "D", "DV"}
+    for kernel in (module._fwd, module._bwd_dkdv_dm, module._bwd_dq):
+        config = kernel.configs[0]
+        constants = dict(
+            FUSION_MUL=True, BIAS_KIND=2, CAUSAL=True, BLOCK_D=64, BLOCK_DV=64, UPCAST=False, PREC="tf32",
+            **config.kwargs,
+        )
+        signature = {}
+        for name in kernel.fn.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name == "scale":
+                signature[name] = "fp32"
+            elif name[0].isupper() and name not in scalars:
+                signature[name] = pointers.get(name, "*bf16")
+            else:
+                signature[name] = "i32"
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel.fn, signature, constants),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            )
+        except RuntimeError as error:  # a Triton build without the NVIDIA toolchain
+            if "ptxas" in str(error).lower():
+                pytest.skip(f"Triton cannot assemble for sm_90 here: {error}")
+            raise
+        assert 0 < compiled.metadata.shared <= 228 * 1024, kernel.fn.__name__
+
+
 def test_auto_routes():
     cpu = dict(device_type="cpu", dtype=torch.float32)
     cuda = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=64, value_dim=64)
