@@ -124,6 +124,15 @@ def test_triton_fp16_and_broadcast_head_mask():
 
 @needs_triton
 @pytest.mark.usefixtures("interpret")
+def test_triton_with_one_key_head_shared_by_all_query_heads():
+    q, _, _, mask = make_inputs(torch.float32, B=2, H=3, Nq=17, Nk=18)
+    _, k, v, _ = make_inputs(torch.float32, B=2, H=1, Nq=17, Nk=18)
+    errors, _, _ = relative_errors("triton", q, k, v, mask, fusion="add", attn_mask=None, is_causal=False)
+    assert max(errors) < 1e-5, errors
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
 def test_triton_in_a_patched_vit_matches_eager_including_generator_gradients():
     torch.manual_seed(0)
     reference = lcaam_patch.apply(tiny_vit(), fusion="mul", init="default", backend="eager")

@@ -100,7 +100,7 @@ def _fwd(
     """Output and log-sum-exp of one query block of one head (grid: heads, query blocks, batch)."""
     h = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # offsets of large batches overflow int32
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -179,7 +179,7 @@ def _bwd_dkdv_dm(
 ):
     """dK, dV of every head for one key block, and dM summed over heads (grid: key blocks, batch)."""
     pid_n = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # offsets of large batches overflow int32
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -276,7 +276,7 @@ def _bwd_dq(
     """dQ of one query block of one head (grid: heads, query blocks, batch)."""
     h = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # offsets of large batches overflow int32
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

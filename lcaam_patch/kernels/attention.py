@@ -19,7 +19,6 @@ import torch
 
 _KERNEL_SOURCE = Path(__file__).with_name("_triton_attention.py")
 _INTERPRETER_BLOCK = 16
-MAX_HEAD_DIM = 128
 
 
 @contextlib.contextmanager
@@ -204,7 +203,8 @@ def fused_attention(
     """softmax((QKᵀ·scale ◇ M) + B) V with the Triton kernel, differentiable in q, k, v, M.
 
     Args:
-        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv); D, Dv <= 128.
+        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv); D, Dv <= 128; k and v
+            may have one head (or batch) shared by all.
         mask: M, (B, Nq, Nk), shared by every head.
         fusion: "mul" or "add".
         scale: the factor on QKᵀ.
@@ -214,6 +214,7 @@ def fused_attention(
     """
     B, H, NQ, _ = q.shape
     NK = k.shape[-2]
+    k, v = k.expand(B, H, NK, -1), v.expand(B, H, NK, -1)  # shared key heads: stride 0
     if attn_mask is not None:
         attn_mask = attn_mask.expand(B, H, NQ, NK)
     mask = mask.expand(B, NQ, NK)
