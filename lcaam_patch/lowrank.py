@@ -12,18 +12,20 @@ scaled dot product that SDPA (flash/memory-efficient kernels on the GPU) compute
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionRequest, LowRankMask, register_backend
+from .attention import AttentionRequest, LowRankMask, _causal_keep, register_backend
 from .config import NEUTRAL
 
 
 def _stack(in_features: int, out_features: int, depth: int, hidden: int | None, **factory: object) -> nn.ModuleList:
     hidden = hidden or in_features
     widths = [in_features] + [hidden] * (depth - 1) + [out_features]
-    return nn.ModuleList(nn.Linear(i, o, **factory) for i, o in zip(widths[:-1], widths[1:]))
+    return nn.ModuleList(nn.Linear(i, o, **factory) for i, o in pairwise(widths))
 
 
 def _run(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +84,6 @@ class LowRankGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, fusion={self.fusion!r}"
-
-
-def _causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
 
 
 def widen(

@@ -7,13 +7,12 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
 from lcaam_patch import lcaam_attention
 from lcaam_patch.attention import AttentionRequest, resolve_backend
-
-from conftest import tiny_vit
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)"
@@ -92,7 +91,7 @@ def test_triton_matches_eager_with_gradients(fusion, masking, shape, dtype):
     if dtype == torch.float32:
         assert max(errors) < 1e-5, errors
     else:  # no worse than eager in bf16 (whose scores are rounded to bf16 before the softmax)
-        for name, err, ref in zip("out dq dk dv dM".split(), errors, eager_errors):
+        for name, err, ref in zip(["out", "dq", "dk", "dv", "dM"], errors, eager_errors):
             assert err < max(2 * ref, 2e-2), (name, err, ref)
     if masking.startswith("padding"):
         dead = got[0][1, :, 3]
@@ -281,5 +280,5 @@ def test_gpu_backends_match_eager(backend, fusion, masking):
     errors, eager_errors, _ = relative_errors(
         backend, q, k, v, mask, fusion=fusion, attn_mask=attn_mask, is_causal=is_causal
     )
-    for name, err, ref in zip("out dq dk dv dM".split(), errors, eager_errors):
+    for name, err, ref in zip(["out", "dq", "dk", "dv", "dM"], errors, eager_errors):
         assert err < max(2 * ref, 2e-2), (name, err, ref)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
 from lcaam_patch import LowRankGenerator, LowRankMask, lcaam_attention
-
-from conftest import tiny_vit
 
 
 def factors(dtype, *, B=2, H=3, Nq=6, Nk=9, D=8, R=2):

@@ -21,6 +21,9 @@ to fp32 after it was rounded to its storage type, which reproduces the GPU's ari
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import triton
 import triton.language as tl
 
@@ -39,10 +42,10 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
-def _tuned(configs: list[triton.Config], key: list[str]):  # noqa: ANN202 - a decorator
+def _tuned(configs: list[triton.Config], key: list[str]) -> Callable[[Any], Any]:
     """Autotune on the GPU; the interpreter takes its block sizes from the caller."""
 
-    def wrap(fn):  # noqa: ANN001, ANN202
+    def wrap(fn: Any) -> Any:
         return fn if INTERPRET else triton.autotune(configs, key=key)(fn)
 
     return wrap
@@ -134,7 +137,7 @@ def _fwd(
         ).to(tl.float32)
         if UPCAST:
             k = k.to(tl.float32)
-        z, s = _scores(
+        z, _ = _scores(
             q, k, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
             FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
         )
@@ -187,7 +190,7 @@ def _bwd_dkdv_dm(
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for h in range(0, H):
+    for h in range(H):
         kt = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
             mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0,
@@ -316,7 +319,7 @@ def _bwd_dq(
             M + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         ).to(tl.float32)
-        z, s = _scores(
+        z, _ = _scores(
             q, kt, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
             FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
         )

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -103,7 +104,9 @@ def fused_attention_fwd(
     lse = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
     options = _launch_options(q, v)
     module = kernels(interpret=q.device.type != "cuda")
-    grid = lambda meta: (H, -(-NQ // meta["BLOCK_M"]), B)  # noqa: E731
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return H, -(-NQ // meta["BLOCK_M"]), B
+
     module._fwd[grid](
         q, k, v, mask, mask if bias is None else bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(),
@@ -115,7 +118,16 @@ def fused_attention_fwd(
 
 
 @fused_attention_fwd.register_fake
-def _(q, k, v, mask, bias, fusion_mul, causal, scale):  # noqa: ANN001, ANN202
+def _fused_attention_fwd_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    fusion_mul: bool,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _head_major_empty(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -163,7 +175,19 @@ def fused_attention_bwd(
 
 
 @fused_attention_bwd.register_fake
-def _(grad_out, q, k, v, mask, bias, out, lse, fusion_mul, causal, scale):  # noqa: ANN001, ANN202
+def _fused_attention_bwd_fake(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    fusion_mul: bool,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         _head_major_empty(q, q.shape[-1]),
         _head_major_empty(k, k.shape[-1]),
@@ -172,7 +196,7 @@ def _(grad_out, q, k, v, mask, bias, out, lse, fusion_mul, causal, scale):  # no
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, mask, bias, fusion_mul, causal, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
@@ -180,7 +204,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.flags = (fusion_mul, causal, scale)
 
 
-def _backward(ctx, grad_out, grad_lse):  # noqa: ANN001, ANN202
+def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, mask, bias, out, lse = ctx.saved_tensors
     dq, dk, dv, dm = fused_attention_bwd(grad_out, q, k, v, mask, bias, out, lse, *ctx.flags)
     return dq, dk, dv, dm, None, None, None, None
