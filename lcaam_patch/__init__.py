@@ -24,7 +24,7 @@ from .errors import (
 )
 from .generator import MaskGenerator
 from .lowrank import LowRankGenerator
-from .injector import SurveyEntry, apply, is_patched, patched_sites, remove, survey
+from .injector import SurveyEntry, apply, is_patched, patched_sites, remove, reset_generators, survey
 from .registry import (
     Adapter,
     SiteGeometry,
@@ -81,6 +81,7 @@ __all__ = [
     "register_backend",
     "registered_adapters",
     "remove",
+    "reset_generators",
     "summary",
     "survey",
     "unregister_adapter",

@@ -44,8 +44,17 @@ class MaskGenerator(nn.Module):
         self.fusion = fusion
         self.max_kv_tokens = max_kv_tokens
         self.site = site
+        self.init = init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as configured: He init for hidden layers, identity (or PyTorch's
+        default) for the last. Call it after `to_empty()` when the model was patched on
+        the `meta` device (`lcaam_patch.reset_generators(model)` does every site)."""
+        if self.init == "default":
+            self.layers[-1].reset_parameters()
         self.reset_hidden_layers()
-        if init == "identity":
+        if self.init == "identity":
             self.reset_to_identity()
 
     def reset_hidden_layers(self) -> None:

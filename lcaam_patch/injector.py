@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import functools
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +106,12 @@ def apply(
     generators = _build_generators(planned, config)
     for site in planned:
         _patch(model, site, config, generators.get(site.path))
+    if any(p.is_meta for g in generators.values() for p in g.parameters()):
+        warnings.warn(
+            "LCAAM generators were created on the meta device; after model.to_empty(...) call "
+            "lcaam_patch.reset_generators(model), or their weights stay uninitialised",
+            stacklevel=2,
+        )
     return model
 
 
@@ -120,6 +127,17 @@ def patched_sites(model: nn.Module) -> list[tuple[str, nn.Module, LCAAMSite]]:
         for path, module in model.named_modules()
         if hasattr(module, SITE_ATTR)
     ]
+
+
+def reset_generators(model: nn.Module) -> nn.Module:
+    """Re-initialise every LCAAM generator of `model` as `apply` configured it (identity by
+    default). Needed after `to_empty()` when the model was patched on the `meta` device:
+    loading an upstream checkpoint then leaves the generators uninitialised. Returns `model`."""
+    for _, module, _ in patched_sites(model):
+        generator = generator_of(module)
+        if generator is not None:
+            generator.reset_parameters()
+    return model
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -163,3 +163,18 @@ def test_ddp_on_two_cpu_ranks_keeps_parameters_identical():
     initial = lcaam_patch.apply(tiny_vit())
     moved = [n for n, p in initial.named_parameters() if ".lcaam." in n and not torch.equal(p, params0[n])]
     assert moved
+
+
+def test_patch_on_meta_then_materialise_and_reset_keeps_identity():
+    real = tiny_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = real(x)
+    with torch.device("meta"):
+        model = tiny_vit()
+    with pytest.warns(UserWarning, match="reset_generators"):
+        lcaam_patch.apply(model)
+    assert model.blocks[0].attn.lcaam.layers[0].weight.is_meta
+    model = model.to_empty(device="cpu").eval()
+    lcaam_patch.reset_generators(model)
+    model.load_state_dict(real.state_dict(), strict=True)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
