@@ -63,7 +63,20 @@ class LowRankGenerator(nn.Module):
         self.key = _stack(kv_in_features, rank, depth, hidden, **factory)
         self.rank = rank
         self.fusion = fusion
-        if init == "identity":
+        self.init = init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as configured: He init for the hidden layers (as `MaskGenerator`),
+        PyTorch's default for the last ones, then identity if asked. Call it after
+        `to_empty()` for a model patched on `meta` (`lcaam_patch.reset_generators`)."""
+        with torch.no_grad():
+            for stack in (self.query, self.key):
+                for layer in stack[:-1]:
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                    layer.bias.zero_()
+                stack[-1].reset_parameters()
+        if self.init == "identity":
             self.reset_to_identity()
 
     def reset_to_identity(self) -> None:

@@ -113,6 +113,19 @@ def test_cross_attention_reads_the_key_tokens_and_needs_no_token_bound():
         assert torch.equal(weights[1, :, -1], torch.zeros_like(weights[1, :, -1]))
 
 
+def test_reset_generators_restores_the_identity():
+    model = tiny_vit().eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(images)
+        lcaam_patch.apply(model, fusion="mul", generator="lowrank", rank=2, depth=2)
+        for p in lcaam_patch.lcaam_state_dict(model).values():
+            p.normal_()
+        assert not torch.allclose(model(images), expected, atol=1e-3)
+        lcaam_patch.reset_generators(model)
+        torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_every_rank_component_gets_a_gradient_at_identity_init():
     model = lcaam_patch.apply(tiny_vit(), fusion="mul", generator="lowrank", rank=3)
     model(torch.randn(2, 3, 16, 16)).square().sum().backward()
