@@ -16,7 +16,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo", help="train a small timm ViT on scikit-learn's digits, unpatched and patched"
     )
-    demo.add_argument("--epochs", type=int, default=12, help="training epochs per run")
+    demo.add_argument(
+        "--epochs", type=int, default=30, help="training epochs per run (30: about a minute)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_inspect_parser(commands)
