@@ -21,6 +21,10 @@ Memory:
 
     python benchmarks/train_step.py                            # CPU defaults, about a minute
     python benchmarks/train_step.py --device cuda --dtype bf16 --json results.json
+    python benchmarks/train_step.py --config vit_b16_224 --json train_224.json  # issue 6, CUDA
+
+On CUDA the backends default to eager, sdpa, flex and triton, and the lowrank generator
+(rank 1, backend auto) is measured for each fusion too.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -47,6 +51,10 @@ import lcaam_patch
 
 FUSIONS = ("mul", "add")
 MIB = 2**20
+CONFIGS = {  # the configurations of issue 6: ViT-B/16, bf16
+    "vit_b16_224": {"model": "vit_base_patch16_224", "batch_size": 128, "dtype": "bf16"},
+    "vit_b16_384": {"model": "vit_base_patch16_384", "batch_size": 32, "dtype": "bf16"},
+}
 
 Autocast = Callable[[], AbstractContextManager[Any]]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -59,6 +67,7 @@ class Variant:
     name: str
     fusion: str | None = None
     backend: str | None = None
+    rank: int | None = None  # a generator="lowrank" of this rank
 
 
 @dataclasses.dataclass
@@ -102,7 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
+    parser.add_argument(
+        "--config", choices=sorted(CONFIGS), help="model, batch size and dtype of an issue-6 run"
+    )
+    parser.add_argument("--model", help="timm model name (default: vit_tiny_patch16_224)")
     parser.add_argument("--img-size", type=int, help="input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 64 on CUDA")
     parser.add_argument("--steps", type=int, help="timed steps each (default: 8 CPU, 50 CUDA)")
@@ -111,31 +123,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
-        default="fp32",
         help="bf16: the step runs under torch.autocast(bfloat16); weights and optimizer stay fp32",
     )
     parser.add_argument(
         "--backends",
         type=lambda text: text.split(","),
-        default=["eager", "sdpa"],
-        help="comma-separated LCAAM backends, each tried with every fusion (default: eager,sdpa); "
-        "backend=auto is always measured too",
+        help="comma-separated LCAAM backends, each tried with every fusion (default: eager,sdpa "
+        "on CPU, eager,sdpa,flex,triton on CUDA); backend=auto is always measured too",
+    )
+    parser.add_argument(
+        "--lowrank-ranks",
+        type=lambda text: [int(r) for r in text.split(",") if r],
+        help="ranks of generator='lowrank' to measure with backend=auto for every fusion "
+        "(default: none on CPU, 1 on CUDA)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
-    for name, on_cpu, on_cuda in (("batch_size", 8, 64), ("steps", 8, 50), ("warmup", 2, 10)):
+    for name, value in CONFIGS.get(args.config, {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    defaults = (
+        ("model", "vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+        ("dtype", "fp32", "fp32"),
+        ("batch_size", 8, 64),
+        ("steps", 8, 50),
+        ("warmup", 2, 10),
+        ("backends", ["eager", "sdpa"], ["eager", "sdpa", "flex", "triton"]),
+        ("lowrank_ranks", [], [1]),
+    )
+    for name, on_cpu, on_cuda in defaults:
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
     return args
 
 
-def variants(backends: list[str]) -> list[Variant]:
-    """The unpatched model, every backend × fusion, then backend="auto" for each fusion."""
+def variants(backends: list[str], lowrank_ranks: Sequence[int] = ()) -> list[Variant]:
+    """The unpatched model, every backend × fusion, backend="auto" for each fusion, then
+    each lowrank rank × fusion with backend="auto"."""
     patched = [Variant(f"{b}/{f}", f, b) for b in backends for f in FUSIONS]
     patched += [Variant(f"auto/{f}", f, "auto") for f in FUSIONS]
+    patched += [Variant(f"lowrank{r}/{f}", f, "auto", r) for r in lowrank_ranks for f in FUSIONS]
     return [Variant("unpatched"), *patched]
 
 
@@ -164,7 +194,8 @@ def make_variant(template: nn.Module, variant: Variant, device: torch.device) ->
     """
     model = copy.deepcopy(template).to(device)
     if variant.fusion is not None:
-        lcaam_patch.apply(model, mode="multilayer", fusion=variant.fusion, backend=variant.backend)
+        lowrank = {} if variant.rank is None else {"generator": "lowrank", "rank": variant.rank}
+        lcaam_patch.apply(model, mode="multilayer", fusion=variant.fusion, backend=variant.backend, **lowrank)
     return model
 
 
@@ -352,7 +383,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], list[str], tuple[int, .
     inputs, targets = random_batch(template, args.batch_size, args.img_size, args.seed)
     batch = (inputs.to(device), targets.to(device))
     measured, results, notes = time_variants(
-        template, variants(args.backends), args, batch, autocast
+        template, variants(args.backends, args.lowrank_ranks), args, batch, autocast
     )
     if device.type == "cuda":
         for variant, result in zip(measured, results, strict=True):
