@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from .errors import LCAAMError
 from .inspection import add_inspect_parser
 from .launcher import add_run_parser
 
@@ -21,15 +22,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument(
+        "--plot-dir", default="lcaam-demo-output", help="where the learned-mask heatmaps go"
+    )
+    demo.set_defaults(handler=_run_demo)
     add_inspect_parser(commands)
     add_run_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "inspect":
+    try:
         return args.handler(args)
-    if args.command == "run":
-        return args.handler(args)
-    if args.command == "demo":
-        from .demo import run_demo
+    except LCAAMError as error:
+        parser.exit(2, f"lcaam-patch {args.command}: {error}\n")
 
-        run_demo(epochs=args.epochs, seed=args.seed, threads=args.threads)
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(epochs=args.epochs, seed=args.seed, threads=args.threads, plot_dir=args.plot_dir)
     return 0

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lcaam_patch
+from lcaam_patch.errors import InvalidOptionError
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
@@ -33,21 +35,25 @@ TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
-def run_demo(epochs: int = 30, seed: int = 0, threads: int | None = None) -> list[dict[str, Any]]:
-    """Train the ViT unpatched and patched; print the comparison and `lcaam_patch.summary`.
+def run_demo(
+    epochs: int = 30, seed: int = 0, threads: int | None = None, plot_dir: str | Path | None = "lcaam-demo-output"
+) -> list[dict[str, Any]]:
+    """Train the ViT unpatched and patched; print the comparison and `lcaam_patch.summary`,
+    and write the patched model's learned masks on a test image as heatmaps to `plot_dir`.
 
     Args:
         epochs: passes over the training images per run; the default 30 takes about a
             minute on 2 CPU cores, for both runs together.
         seed: seeds the initial weights and the batch order (the split is fixed).
         threads: `torch.set_num_threads` value; None leaves PyTorch's default.
+        plot_dir: where the mask heatmaps go (PNG, one per layer); None writes none.
 
     Returns:
         One dict per run with keys "run", "test_accuracy", "params", "ms_per_step" and
         "step_time_ratio" (time per step relative to the unpatched run).
     """
     if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be at least 1")
+        raise InvalidOptionError(f"epochs={epochs} must be at least 1")
     if threads is not None:
         torch.set_num_threads(threads)
     data = _digits()
@@ -71,7 +77,26 @@ def run_demo(epochs: int = 30, seed: int = 0, threads: int | None = None) -> lis
     print(_table(rows, epochs=epochs, seed=seed))
     print()
     print(lcaam_patch.summary(patched))
+    if plot_dir is not None:
+        print()
+        for path in _write_mask_heatmaps(patched, data[2][:1], Path(plot_dir)):
+            print(f"wrote {path}")
     return rows
+
+
+def _write_mask_heatmaps(model: nn.Module, image: torch.Tensor, directory: Path) -> list[Path]:
+    """One heatmap per layer of the masks the trained patched model computes for `image`."""
+    from .plots import mask_heatmap, save_figure
+
+    with torch.no_grad(), lcaam_patch.capture(model.eval()) as seen:
+        model(image)
+    written = []
+    for index, (path, masks) in enumerate(seen.masks.items()):
+        tokens = masks[0].shape[-1]
+        groups = [("cls", 0, 1), ("patches", 1, tokens)]
+        figure = mask_heatmap(masks[0], groups=groups, title=f"{path}: learned mask M, one test digit")
+        written.append(save_figure(figure, directory / f"mask_layer{index}.png"))
+    return written
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

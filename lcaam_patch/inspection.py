@@ -43,10 +43,21 @@ def load_model(target: str) -> nn.Module:
     """A timm model by name (random weights), or the result of calling `module:function`."""
     if ":" in target:
         module_name, _, function = target.partition(":")
-        model = getattr(importlib.import_module(module_name), function)()
+        try:
+            model = getattr(importlib.import_module(module_name), function)()
+        except (ImportError, AttributeError) as error:
+            raise InvalidOptionError(
+                f"cannot load {target!r} ({error}); give module:function where the module is "
+                f"importable (check PYTHONPATH) and the function returns an nn.Module"
+            ) from error
     else:
         import timm
 
+        if target not in timm.list_models():
+            raise InvalidOptionError(
+                f"{target!r} is not a timm model name; see timm.list_models(), or give "
+                f"module:function for your own model"
+            )
         model = timm.create_model(target, pretrained=False)
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"{target!r} returned {type(model).__name__}, not an nn.Module")
