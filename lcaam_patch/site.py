@@ -143,10 +143,7 @@ class LCAAMSite:
         `kv_tokens` (B, Nk, Dk) are the key tokens, which a "lowrank" generator reads;
         None means `x` (self-attention).
         """
-        if kv_tokens is None:
-            mask = self.mask(module, x, k.shape[-2])
-        else:
-            mask = self.mask(module, x, k.shape[-2], kv_tokens)
+        mask = self.mask(module, x, k.shape[-2], kv_tokens)
         if self.recorder is not None:
             dense = mask.dense() if isinstance(mask, LowRankMask) else mask
             self.recorder.record(self, dense, q, k, scale=scale, attn_mask=attn_mask, is_causal=is_causal)

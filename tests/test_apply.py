@@ -129,10 +129,17 @@ def test_global_mode_feeds_every_layer_the_first_layers_mask():
     generator = model.blocks[0].attn.lcaam
     generator.register_forward_hook(lambda mod, args, out: seen.append(out))
     masks = []
+
+    def recording(original):
+        def mask(*args):
+            masks.append(original(*args))
+            return masks[-1]
+
+        return mask
+
     for block in model.blocks:
         site = block.attn._lcaam_site
-        original = site.mask
-        block.attn._lcaam_site.mask = lambda module, x, n, original=original: masks.append(original(module, x, n)) or masks[-1]
+        site.mask = recording(site.mask)
     model(torch.randn(2, 3, 16, 16))
     assert len(seen) == 1
     assert all(m is seen[0] for m in masks) and len(masks) == 3
