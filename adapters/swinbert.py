@@ -59,7 +59,11 @@ from torch import nn
 
 from lcaam_patch.attention import lcaam_attention
 from lcaam_patch.config import LCAAMConfig
-from lcaam_patch.errors import InvalidOptionError, SequenceTooLongError, UnsupportedModuleError
+from lcaam_patch.errors import (
+    InvalidOptionError,
+    SequenceTooLongError,
+    UnsupportedModuleError,
+)
 from lcaam_patch.registry import Adapter, SiteGeometry
 from lcaam_patch.site import LCAAMSite
 

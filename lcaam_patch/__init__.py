@@ -5,7 +5,13 @@
 """
 
 from . import backends_flex, backends_triton  # noqa: F401 - register the flex and triton backends
-from .attention import AttentionBackend, AttentionRequest, LowRankMask, lcaam_attention, register_backend
+from .attention import (
+    AttentionBackend,
+    AttentionRequest,
+    LowRankMask,
+    lcaam_attention,
+    register_backend,
+)
 from .capture import Capture, capture
 from .config import LCAAMConfig
 from .cost import CostRow, CostTable, cost
@@ -23,8 +29,16 @@ from .errors import (
     UpstreamVersionError,
 )
 from .generator import MaskGenerator
+from .injector import (
+    SurveyEntry,
+    apply,
+    is_patched,
+    patched_sites,
+    remove,
+    reset_generators,
+    survey,
+)
 from .lowrank import LowRankGenerator
-from .injector import SurveyEntry, apply, is_patched, patched_sites, remove, reset_generators, survey
 from .registry import (
     Adapter,
     SiteGeometry,

@@ -10,12 +10,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-
 import torch
 from torch import nn
 
 from .attention import AttentionRequest, backend_supports
-
 from .config import LCAAMConfig
 from .errors import (
     AlreadyPatchedError,
