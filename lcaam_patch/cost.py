@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .injector import remove
 from .state import _require_patched
@@ -69,18 +68,20 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _cpu_flash_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query, key, value)
-
-
-# PyTorch's counter knows the CUDA SDPA kernels but not the CPU one.
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
 
 
 def measure(model: nn.Module, example_inputs: Any, *, name: str, repeats: int = 10, warmup: int = 2) -> CostRow:
     """FLOPs (PyTorch's FlopCounterMode), parameters and median forward latency of `model`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # PyTorch's counter knows the CUDA SDPA kernels but not the CPU one.
+    extra_formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
     args = _as_args(example_inputs)
     with torch.no_grad():
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=extra_formulas) as counter:
             model(*args)
         for _ in range(warmup):
             model(*args)
