@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from upstream_path import imports_from
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBMODULE = REPO_ROOT / "integration" / "LLaMA-Adapter"
@@ -218,24 +219,12 @@ def stubs() -> Iterator[None]:
                 sys.modules[name] = module
 
 
-@contextlib.contextmanager
-def upstream_on_path() -> Iterator[None]:
+def upstream_on_path() -> contextlib.AbstractContextManager[None]:
     """Import upstream from the submodule in this process, and forget it afterwards.
 
     Bytecode is not written, so the submodule's work tree stays clean.
     """
-    before = set(sys.modules)
-    saved_path, saved_flag = list(sys.path), sys.dont_write_bytecode
-    sys.path.insert(0, str(UPSTREAM))
-    sys.dont_write_bytecode = True
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        sys.dont_write_bytecode = saved_flag
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] in UPSTREAM_PACKAGES:
-                del sys.modules[name]
+    return imports_from(UPSTREAM, UPSTREAM_PACKAGES)
 
 
 def write_checkpoint_dir(root: Path) -> tuple[Path, Path]:

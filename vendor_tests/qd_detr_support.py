@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from upstream_path import imports_from
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QD_DETR_ROOT = REPO_ROOT / "integration" / "QD-DETR"
@@ -161,24 +162,12 @@ def upstream_options(arguments: list[str]) -> argparse.Namespace:
     return opt
 
 
-@contextlib.contextmanager
-def upstream_on_path(root: Path = QD_DETR_ROOT) -> Iterator[None]:
+def upstream_on_path(root: Path = QD_DETR_ROOT) -> contextlib.AbstractContextManager[None]:
     """Import QD-DETR from `root` (the submodule) in this process, and forget it afterwards.
 
     Bytecode is not written, so the submodule's work tree stays clean.
     """
-    before = set(sys.modules)
-    saved_path, saved_flag = list(sys.path), sys.dont_write_bytecode
-    sys.path.insert(0, str(root))
-    sys.dont_write_bytecode = True
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        sys.dont_write_bytecode = saved_flag
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] in ("qd_detr", "utils", "standalone_eval"):
-                del sys.modules[name]
+    return imports_from(root, ("qd_detr", "utils", "standalone_eval"))
 
 
 def _cuda_as_identity(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
