@@ -12,7 +12,7 @@ the request.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -188,10 +188,8 @@ def lcaam_attention(
         q, v, mask, fusion=fusion, attn_mask=attn_mask, is_causal=is_causal,
         dropout_p=dropout_p, need_weights=need_weights,
     )
-    chosen = _BACKENDS[resolve_backend(backend, request)][1]
-    if isinstance(mask, LowRankMask) and not getattr(chosen, "accepts_lowrank", False):
-        mask = mask.dense()
-    return chosen(
+    return run_backend(
+        resolve_backend(backend, request),
         q,
         k,
         v,
@@ -203,6 +201,22 @@ def lcaam_attention(
         dropout_p=dropout_p,
         need_weights=need_weights,
     )
+
+
+def run_backend(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | LowRankMask,
+    **options: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Call the registered backend `name`, already resolved for this call (see
+    `resolve_backend`); a `LowRankMask` is made dense for backends that do not take it."""
+    chosen = _BACKENDS[name][1]
+    if isinstance(mask, LowRankMask) and not getattr(chosen, "accepts_lowrank", False):
+        mask = mask.dense()
+    return chosen(q, k, v, mask, **options)
 
 
 def _causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:

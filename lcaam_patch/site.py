@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .attention import AttentionRequest, LowRankMask, lcaam_attention, resolve_backend
+from .attention import AttentionRequest, LowRankMask, resolve_backend, run_backend
 from .errors import LCAAMError
 from .lowrank import LowRankGenerator
 from .registry import Adapter, SiteGeometry
@@ -152,7 +152,8 @@ class LCAAMSite:
             dropout_p=dropout_p, need_weights=need_weights,
         )
         self.last_backend = resolve_backend(self.backend, request)
-        return lcaam_attention(
+        return run_backend(
+            self.last_backend,
             q,
             k,
             v,
@@ -163,7 +164,6 @@ class LCAAMSite:
             is_causal=is_causal,
             dropout_p=dropout_p,
             need_weights=need_weights,
-            backend=self.last_backend,
         )
 
 
