@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .capture import capture
+from .cli_options import add_apply_arguments, apply_options
 from .cost import cost
 from .errors import InvalidOptionError
 from .injector import apply, patched_sites, survey
@@ -29,13 +30,8 @@ def add_inspect_parser(commands: Any) -> None:
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (timm models know theirs)")
     parser.add_argument("--plot", metavar="DIR", help="write mask heatmaps and attention histograms here")
     parser.add_argument("--lcaam-weights", metavar="PATH", help="LCAAM weights saved with lcaam_state_dict")
-    parser.add_argument("--preset")
-    parser.add_argument("--mode")
-    parser.add_argument("--fusion")
-    parser.add_argument("--depth", type=int)
-    parser.add_argument("--init")
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--max-kv-tokens", type=int)
+    parser.add_argument("--preset", help="a registered preset; the options below override it")
+    add_apply_arguments(parser)
     parser.set_defaults(handler=run_inspect)
 
 
@@ -124,19 +120,9 @@ def _write_plots(model: nn.Module, x: torch.Tensor, directory: Path) -> list[Pat
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the survey, summary and cost tables; write plots when asked."""
-    options = {
-        key: value
-        for key, value in dict(
-            preset=args.preset,
-            mode=args.mode,
-            fusion=args.fusion,
-            depth=args.depth,
-            init=args.init,
-            max_tokens=args.max_tokens,
-            max_kv_tokens=args.max_kv_tokens,
-        ).items()
-        if value is not None
-    }
+    options = apply_options(args)
+    if args.preset is not None:
+        options["preset"] = args.preset
     model = load_model(args.model)
     _print_survey(model, options)
     apply(model, **options)

@@ -27,6 +27,7 @@ from typing import Any
 import wrapt
 from torch import nn
 
+from .cli_options import add_apply_arguments, apply_options
 from .errors import LCAAMError, UnknownAdapterError
 from .injector import apply, patched_sites
 from .registry import Adapter, registered_adapters
@@ -185,32 +186,12 @@ def add_run_parser(commands: Any) -> None:
         usage="lcaam-patch run --preset NAME [options] -- SCRIPT [ARGS ...]",
     )
     parser.add_argument("--preset", required=True, help="a registered preset, e.g. qd_detr")
-    parser.add_argument("--mode", choices=("multilayer", "global"))
-    parser.add_argument("--fusion", choices=("mul", "add"))
-    parser.add_argument("--depth", type=int, help="Linear layers of the generator")
-    parser.add_argument("--hidden", type=int, help="hidden width of the generator")
-    parser.add_argument("--activation", choices=("none", "sigmoid", "softplus"))
-    parser.add_argument("--init", choices=("identity", "default"))
-    parser.add_argument("--max-tokens", type=int, help="bound on the query tokens")
-    parser.add_argument("--max-kv-tokens", type=int, help="bound on the key tokens")
-    parser.add_argument("--backend", help="auto, eager, sdpa or a registered backend")
+    add_apply_arguments(parser)
     parser.add_argument("script", help="the upstream script, e.g. qd_detr/train.py")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     parser.set_defaults(handler=_run_command)
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    names = (
-        "mode",
-        "fusion",
-        "depth",
-        "hidden",
-        "activation",
-        "init",
-        "max_tokens",
-        "max_kv_tokens",
-        "backend",
-    )
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    run(args.script, args.args, preset=args.preset, options=options)
+    run(args.script, args.args, preset=args.preset, options=apply_options(args))
     return 0
