@@ -2,77 +2,90 @@
 
     import lcaam_patch
     model = lcaam_patch.apply(model, mode="multilayer", fusion="mul")
+
+Layers: `backends` compute the fused attention, `adapters` know one upstream each,
+`patching` (with `site`, `generators`, `config`) is the core that applies and removes
+LCAAM, `tools` inspect a patched model, `cli` is the `lcaam-patch` command.
 """
 
-from . import backends_flex, backends_triton  # noqa: F401 - register the flex and triton backends
-from .attention import (
-    AttentionBackend,
-    AttentionRequest,
-    LowRankMask,
-    lcaam_attention,
-    register_backend,
-)
-from .capture import Capture, capture
-from .config import LCAAMConfig
-from .cost import CostRow, CostTable, cost
-from .errors import (
-    AlreadyPatchedError,
-    InvalidOptionError,
-    LCAAMError,
-    MissingBoundError,
-    NoAttentionFoundError,
-    NotPatchedError,
-    SequenceTooLongError,
-    StateDictError,
-    UnknownAdapterError,
-    UnsupportedModuleError,
-    UpstreamVersionError,
-)
-from .generator import MaskGenerator
-from .injector import (
-    SurveyEntry,
-    apply,
-    is_patched,
-    patched_sites,
-    remove,
-    reset_generators,
-    survey,
-)
-from .lowrank import LowRankGenerator
-from .registry import (
+from .adapters import (
     Adapter,
-    SiteGeometry,
     get_adapter,
     presets,
     register_adapter,
     registered_adapters,
     unregister_adapter,
 )
-from .site import LCAAMSite
-from .state import lcaam_state_dict, load_lcaam_state_dict
-from .summary import PatchSummary, SiteSummary, summary
+from .backends import (
+    AttentionBackend,
+    AttentionCall,
+    AttentionResult,
+    LowRankMask,
+    lcaam_attention,
+    register_backend,
+)
+from .compat import install_legacy_aliases
+from .config import LCAAMConfig
+from .errors import (
+    AlreadyPatchedError,
+    BackendUnavailableError,
+    ForwardReplacedError,
+    GlobalModeError,
+    InvalidOptionError,
+    LauncherError,
+    LCAAMError,
+    MissingBoundError,
+    NoAttentionFoundError,
+    NotAModuleError,
+    NotPatchedError,
+    RegistrationError,
+    SequenceTooLongError,
+    StateDictError,
+    UnknownAdapterError,
+    UnsupportedModuleError,
+    UpstreamVersionError,
+    WrappedModelError,
+)
+from .generators import LCAAMGenerator, LowRankGenerator, MaskGenerator
+from .patching import apply, is_patched, patched_sites, remove, reset_generators
+from .site import LCAAMSite, SiteGeometry, is_lcaam_key
+from .state_dict import lcaam_state_dict, load_lcaam_state_dict
+from .tools.capture import Capture, capture
+from .tools.cost import CostRow, CostTable, cost
+from .tools.summary import PatchSummary, SiteSummary, summary
+from .tools.survey import SurveyEntry, survey
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+install_legacy_aliases()
 
 __all__ = [
     "Adapter",
     "AlreadyPatchedError",
     "AttentionBackend",
-    "AttentionRequest",
+    "AttentionCall",
+    "AttentionResult",
+    "BackendUnavailableError",
     "Capture",
     "CostRow",
     "CostTable",
+    "ForwardReplacedError",
+    "GlobalModeError",
     "InvalidOptionError",
     "LCAAMConfig",
     "LCAAMError",
+    "LCAAMGenerator",
     "LCAAMSite",
+    "LauncherError",
     "LowRankGenerator",
     "LowRankMask",
     "MaskGenerator",
     "MissingBoundError",
     "NoAttentionFoundError",
+    "NotAModuleError",
     "NotPatchedError",
     "PatchSummary",
+    "RegistrationError",
     "SequenceTooLongError",
     "SiteGeometry",
     "SiteSummary",
@@ -81,10 +94,13 @@ __all__ = [
     "UnknownAdapterError",
     "UnsupportedModuleError",
     "UpstreamVersionError",
+    "WrappedModelError",
+    "__version__",
     "apply",
     "capture",
     "cost",
     "get_adapter",
+    "is_lcaam_key",
     "is_patched",
     "lcaam_attention",
     "lcaam_state_dict",

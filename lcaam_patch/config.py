@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .backends import NEUTRAL, backend_names
 from .errors import InvalidOptionError
 
 MODES = ("multilayer", "global")
@@ -16,50 +17,46 @@ INITS = ("identity", "default")
 GENERATORS = ("mlp", "lowrank")
 
 
+def _option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A field of `LCAAMConfig`: its default and the help text the CLI and docs show."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class LCAAMConfig:
     """Every option of `apply` except the model and the preset name.
 
-    Attributes:
-        mode: "multilayer" (a generator per attention layer) or "global" (one per stack).
-        fusion: "mul" (the paper's default) or "add": how M is fused into the scores.
-        depth: number of Linear layers in the generator (eq. 2-4); depth 1 is one Linear.
-        hidden: width of the hidden layers; None takes the attention's embedding width.
-        activation: applied to M: "none", "sigmoid" or "softplus".
-        init: "identity" (the patched model computes what the original computes) or
-            "default" (PyTorch's default Linear init for every layer).
-        max_tokens: bound on the query tokens (and key tokens for self-attention).
-        max_kv_tokens: bound on the key tokens, i.e. the generator's output width.
-        targets: glob patterns on module paths; only matching sites are patched.
-        exclude: glob patterns on module paths; matching sites are left alone.
-        backend: "auto", "eager", "sdpa", "triton", "flex", "lowrank_sdpa" or a backend
-            registered later.
-        generator: "mlp" (the paper's Linear-ReLU stack, M (B, Nq, Nk) bounded by the token
-            counts) or "lowrank" (M = A·Bᵀ from query and key tokens, no token bound).
-        rank: R of the "lowrank" generator.
+    This class is the one declaration of the options: `apply`'s keyword arguments, the
+    command-line flags (`lcaam_patch.cli.options`) and the README's options table follow
+    its fields, and a test checks that they agree. Each field's help text is in its
+    metadata (`dataclasses.fields(LCAAMConfig)`).
     """
 
-    mode: str = "multilayer"
-    fusion: str = "mul"
-    depth: int = 1
-    hidden: int | None = None
-    activation: str = "none"
-    init: str = "identity"
-    max_tokens: int | None = None
-    max_kv_tokens: int | None = None
-    targets: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    backend: str = "auto"
-    generator: str = "mlp"
-    rank: int = 1
+    mode: str = _option(
+        "multilayer", "'multilayer': a generator per attention layer; 'global': one per layer stack", MODES
+    )
+    fusion: str = _option("mul", "how M is fused into the scores: 'mul' (the paper's default) or 'add'", FUSIONS)
+    depth: int = _option(1, "Linear layers in the generator (eq. 2-4); 1 is a single Linear")
+    hidden: int | None = _option(None, "width of the generator's hidden layers; default: the attention's width")
+    activation: str = _option("none", "applied to M: 'none', 'sigmoid' or 'softplus'", ACTIVATIONS)
+    init: str = _option(
+        "identity", "'identity': the patched model starts computing what the original does; 'default'", INITS
+    )
+    max_tokens: int | None = _option(None, "bound on the query tokens (and the keys of self-attention)")
+    max_kv_tokens: int | None = _option(None, "bound on the key tokens: the generator's output width")
+    targets: tuple[str, ...] | None = _option(None, "glob patterns on module paths: only these sites are patched")
+    exclude: tuple[str, ...] | None = _option(None, "glob patterns on module paths: these sites are left alone")
+    backend: str = _option("auto", "'auto' (per call), or a backend name: it computes every call or raises")
+    generator: str = _option(
+        "mlp", "'mlp' (the paper's, bounded by the token counts) or 'lowrank' (M = A·Bᵀ, no bound)", GENERATORS
+    )
+    rank: int = _option(1, "R of generator='lowrank'")
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("init", self.init, INITS)
-        from .attention import backend_names
-
         _check_choice("backend", self.backend, ("auto", *backend_names()))
         _check_choice("generator", self.generator, GENERATORS)
         _check_positive_int("depth", self.depth)
@@ -99,9 +96,6 @@ class LCAAMConfig:
         for name in ("targets", "exclude"):
             values[name] = _as_patterns(name, values.get(name))
         return cls(**values)
-
-
-NEUTRAL = {"mul": 1.0, "add": 0.0}
 
 
 def neutral_bias(fusion: str, activation: str) -> float | None:

@@ -51,3 +51,32 @@ class UnknownAdapterError(LCAAMError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(LCAAMError):
+    """A named backend cannot compute a call, or no registered backend can."""
+
+
+class RegistrationError(LCAAMError, ValueError):
+    """`register_adapter` or `register_backend` got something that is not an adapter or a
+    backend, or a name already taken."""
+
+
+class NotAModuleError(LCAAMError, TypeError):
+    """A function that takes a model got something that is not an `nn.Module`."""
+
+
+class WrappedModelError(LCAAMError):
+    """`apply` got a model already wrapped by DDP, FSDP, DataParallel or `torch.compile`."""
+
+
+class GlobalModeError(LCAAMError):
+    """`mode="global"` cannot give the exact result of this forward or backward."""
+
+
+class LauncherError(LCAAMError):
+    """`lcaam-patch run` cannot patch the script's model."""
+
+
+class ForwardReplacedError(LCAAMError):
+    """`remove` found a patched module whose forward was replaced after `apply`."""

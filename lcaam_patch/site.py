@@ -1,35 +1,62 @@
-"""Per-module state of a patched attention site, and the forward that replaces the original."""
+"""What a patched attention module carries: its geometry, its site, and the forward that
+replaces the original."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .attention import AttentionRequest, LowRankMask, resolve_backend, run_backend
-from .errors import LCAAMError
-from .lowrank import LowRankGenerator
-from .registry import Adapter, SiteGeometry
+from .backends import AttentionCall, AttentionResult, LowRankMask, run
+from .errors import GlobalModeError
+from .generators import LCAAMGenerator
 
 GENERATOR_NAME = "lcaam"
 SITE_ATTR = "_lcaam_site"
 
 
+@dataclasses.dataclass(frozen=True)
+class SiteGeometry:
+    """What an adapter reads off one attention module.
+
+    Attributes:
+        embed_dim: width of the query tokens the generator reads.
+        max_q_tokens: bound on query tokens (None when the adapter has no bound).
+        max_kv_tokens: bound on key tokens: the generator's output width (None only
+            where the options need no bound, i.e. generator="lowrank").
+        kind: "self" or "cross".
+        kv_embed_dim: width of the key tokens a "lowrank" generator reads; None when it
+            equals `embed_dim`.
+    """
+
+    embed_dim: int
+    max_q_tokens: int | None
+    max_kv_tokens: int | None
+    kind: str
+    kv_embed_dim: int | None = None
+
+
+class SiteAdapter(Protocol):
+    """What a site needs of the adapter that runs it (`lcaam_patch.adapters.Adapter`)."""
+
+    name: str
+
+    def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
+        """The patched forward."""
+        ...
+
+    def restore(self, module: nn.Module, state: Any) -> None:
+        """Undo what the adapter's `prepare` did."""
+        ...
+
+
 class Recorder(Protocol):
     """Receives what a site computed during a forward (see `lcaam_patch.capture`)."""
 
-    def record(
-        self,
-        site: LCAAMSite,
-        mask: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        *,
-        scale: float,
-        attn_mask: torch.Tensor | None,
-        is_causal: bool,
-    ) -> None:
+    def record(self, site: LCAAMSite, call: AttentionCall) -> None:
         """Keep what is wanted of one attention call."""
         ...
 
@@ -37,21 +64,42 @@ class Recorder(Protocol):
 class StackMask:
     """The mask of `mode="global"`: computed by a stack's first site, read by the others.
 
-    It holds the mask of the latest forward pass only and is never pickled or copied.
+    It holds the mask of the latest forward pass of the current thread only, and is never
+    pickled or copied.
     """
 
     def __init__(self, name: str, leader: str) -> None:
         self.name = name
         self.leader = leader
-        self.mask: torch.Tensor | None = None
+        self._local = threading.local()
+
+    @property
+    def mask(self) -> torch.Tensor | LowRankMask | None:
+        """The mask the leader computed in this thread's latest forward, or None."""
+        return getattr(self._local, "mask", None)
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | LowRankMask | None) -> None:
+        self._local.mask = value
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name, "leader": self.leader, "mask": None}
+        return {"name": self.name, "leader": self.leader}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"], state["leader"])  # type: ignore[misc]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StackMask:
         copied = StackMask(self.name, self.leader)
         memo[id(self)] = copied
         return copied
+
+
+def _in_backward() -> bool:
+    """Whether this code runs inside autograd's backward (activation recomputation)."""
+    if torch.compiler.is_compiling():
+        return False
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class LCAAMSite:
@@ -70,7 +118,7 @@ class LCAAMSite:
     def __init__(
         self,
         path: str,
-        adapter: Adapter,
+        adapter: SiteAdapter,
         geometry: SiteGeometry,
         *,
         fusion: str,
@@ -103,25 +151,36 @@ class LCAAMSite:
         A "lowrank" generator reads the key tokens (default: `x`, self-attention) and
         returns the factors of M as a `LowRankMask`.
         """
+        if self.stack is not None and _in_backward():
+            raise GlobalModeError(
+                f"mode='global' cannot run under activation checkpointing: {self.path!r} is being "
+                f"recomputed in backward, where the mask of stack {self.stack.name!r} may belong to "
+                f"another forward; use mode='multilayer', or turn activation checkpointing off"
+            )
         if self.owns_generator:
-            generator = getattr(module, GENERATOR_NAME)
-            if isinstance(generator, LowRankGenerator):
-                mask = generator(x, kv_tokens)
-            else:
-                mask = generator(x, num_kv_tokens)
+            generator: LCAAMGenerator = getattr(module, GENERATOR_NAME)
+            mask = generator(x, num_kv_tokens, kv_tokens)
             if self.stack is not None:
                 self.stack.mask = mask
             return mask
         assert self.stack is not None
-        mask = self.stack.mask
-        if mask is None or mask.shape[-2] != x.shape[-2] or mask.shape[-1] != num_kv_tokens:
-            raise LCAAMError(
+        shared = self.stack.mask
+        if shared is None or shared.shape[-2] != x.shape[-2] or shared.shape[-1] != num_kv_tokens:
+            raise GlobalModeError(
                 f"mode='global': {self.path!r} ran before {self.stack.leader!r}, the first "
                 f"attention of stack {self.stack.name!r}, computed this forward's mask (or with "
                 f"other token counts); use mode='multilayer' for models that call their layers "
                 f"out of order"
             )
-        return mask
+        return shared
+
+    def run(self, call: AttentionCall) -> AttentionResult:
+        """Compute `call` with this site's backend, recording it and which backend ran."""
+        if self.recorder is not None:
+            self.recorder.record(self, call)
+        result = run(call, self.backend)
+        self.last_backend = result.backend
+        return result
 
     def attend(
         self,
@@ -141,33 +200,35 @@ class LCAAMSite:
         """LCAAM attention of (B, H, N, D) q, k, v whose query tokens are `x` (B, Nq, D).
 
         `kv_tokens` (B, Nk, Dk) are the key tokens, which a "lowrank" generator reads;
-        None means `x` (self-attention).
+        None means `x` (self-attention). `attn_mask` follows `AttentionCall`.
         """
-        mask = self.mask(module, x, k.shape[-2], kv_tokens)
-        if self.recorder is not None:
-            dense = mask.dense() if isinstance(mask, LowRankMask) else mask
-            self.recorder.record(self, dense, q, k, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
-        request = AttentionRequest.of_call(
-            q, v, mask, fusion=self.fusion, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=dropout_p, need_weights=need_weights,
+        call = AttentionCall(
+            q, k, v, self.mask(module, x, k.shape[-2], kv_tokens), fusion=self.fusion, scale=scale,
+            attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, need_weights=need_weights,
         )
-        self.last_backend = resolve_backend(self.backend, request)
-        return run_backend(
-            self.last_backend,
-            q,
-            k,
-            v,
-            mask,
-            fusion=self.fusion,
-            scale=scale,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            need_weights=need_weights,
-        )
+        result = self.run(call)
+        return result.output, result.weights
+
+
+def generator_of(module: nn.Module) -> LCAAMGenerator | None:
+    """The generator a patched module owns, or None (unpatched or a global follower)."""
+    generator = module._modules.get(GENERATOR_NAME)
+    return generator if isinstance(generator, LCAAMGenerator) else None
 
 
 def patched_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The instance-level forward of a patched module: its adapter's forward with LCAAM."""
     site: LCAAMSite = getattr(module, SITE_ATTR)
     return site.adapter.forward(module, site, *args, **kwargs)
+
+
+def is_lcaam_key(key: str) -> bool:
+    """Whether a state-dict key belongs to an LCAAM generator."""
+    return GENERATOR_NAME in key.split(".")
+
+
+def forgive_missing_lcaam_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load-state-dict post hook of a patched module: an upstream checkpoint lacks the LCAAM
+    keys, and that is fine (they keep their identity init)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not is_lcaam_key(key)]

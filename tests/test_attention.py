@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcaam_patch import lcaam_attention
-from lcaam_patch.attention import AttentionRequest, backend_names, resolve_backend
+import lcaam_patch
+from lcaam_patch import AttentionCall, BackendUnavailableError, lcaam_attention
+from lcaam_patch.backends import choose, run
 
 
 def reference(q, k, v, mask, fusion, scale, keep=None):
@@ -34,7 +35,15 @@ def padding_keep(B=2, Nq=5, Nk=7):
     return keep
 
 
-CASES = [(b, f) for b in backend_names() for f in ("mul", "add")]
+CASES = [("eager", "mul"), ("eager", "add"), ("sdpa", "add")]
+"""The dense-mask backends that run on the CPU, with the fusions they compute."""
+
+
+def run_named(backend, q, k, v, mask, **options):
+    """Run `backend` by name and check it is the one that computed the call."""
+    result = run(AttentionCall(q, k, v, mask, **options), backend)
+    assert result.backend == backend
+    return result.output, result.weights
 
 
 @pytest.mark.parametrize("backend,fusion", CASES)
@@ -48,9 +57,7 @@ def test_backends_match_reference_with_gradients(backend, fusion, masking):
         attn_mask = keep if masking == "padding-bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
     elif masking == "causal":
         keep, is_causal = torch.ones(6, 6, dtype=torch.bool).tril(), True
-    out, _ = lcaam_attention(
-        q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal, backend=backend
-    )
+    out, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
     expected, _ = reference(q, k, v, mask, fusion, 0.3, keep)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, mask))
@@ -62,7 +69,7 @@ def test_backends_match_reference_with_gradients(backend, fusion, masking):
 @pytest.mark.parametrize("backend,fusion", CASES)
 def test_bf16_close_to_fp32_reference(backend, fusion):
     q, k, v, mask = inputs(torch.bfloat16)
-    out, _ = lcaam_attention(q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=padding_keep(), backend=backend)
+    out, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=padding_keep())
     assert out.dtype == torch.bfloat16
     expected, _ = reference(q, k, v, mask, fusion, 0.3, padding_keep())
     torch.testing.assert_close(out.double(), expected, atol=5e-2, rtol=5e-2)
@@ -85,24 +92,47 @@ def test_row_with_every_key_masked_is_zero_not_nan(backend, fusion):
     q, k, v, mask = inputs()
     keep = torch.ones(2, 1, 5, 7, dtype=torch.bool)
     keep[1, :, 2] = False
-    out, _ = lcaam_attention(q, k, v, mask, fusion=fusion, scale=1.0, attn_mask=keep, backend=backend)
+    out, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=1.0, attn_mask=keep)
     assert torch.isfinite(out).all()
     assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, mask))
 
 
-def test_need_weights_falls_back_to_a_backend_that_returns_them():
+@pytest.mark.parametrize(
+    "backend,options,reason",
+    [
+        ("sdpa", dict(fusion="mul"), "SDPA can add M"),
+        ("sdpa", dict(fusion="add", need_weights=True), "does not return attention weights"),
+        ("flex", dict(fusion="mul"), "FlexAttention runs on CUDA tensors only"),
+        ("lowrank_sdpa", dict(fusion="mul"), "needs M as factors"),
+    ],
+)
+def test_a_named_backend_that_cannot_compute_a_call_raises_instead_of_falling_back(backend, options, reason):
     q, k, v, mask = inputs()
-    out, weights = lcaam_attention(q, k, v, mask, fusion="mul", scale=0.5, need_weights=True, backend="sdpa")
-    torch.testing.assert_close(out, weights @ v)
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}' cannot compute this attention call: .*{reason}.*backend='auto'.*'eager'"):
+        lcaam_attention(q, k, v, mask, scale=0.5, backend=backend, **options)
+
+
+def test_triton_is_refused_on_the_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, mask = inputs()
+    with pytest.raises(BackendUnavailableError, match="backend='triton'.*TRITON_INTERPRET=1"):
+        lcaam_attention(q, k, v, mask, fusion="mul", scale=0.5, backend="triton")
 
 
 def test_auto_prefers_sdpa_for_add_and_eager_for_mul_or_weights():
-    add = AttentionRequest("add", False, "cpu", torch.float32)
-    assert resolve_backend("auto", add) == "sdpa"
-    assert resolve_backend("auto", AttentionRequest("mul", False, "cpu", torch.float32)) == "eager"
-    assert resolve_backend("auto", AttentionRequest("add", True, "cpu", torch.float32)) == "eager"
+    q, k, v, mask = inputs()
+    assert choose("auto", AttentionCall(q, k, v, mask, fusion="add", scale=1.0)) == "sdpa"
+    assert choose("auto", AttentionCall(q, k, v, mask, fusion="mul", scale=1.0)) == "eager"
+    assert choose("auto", AttentionCall(q, k, v, mask, fusion="add", scale=1.0, need_weights=True)) == "eager"
+
+
+def test_register_backend_rejects_what_is_not_a_backend():
+    for bad in (None, object(), lambda call: None):
+        with pytest.raises(lcaam_patch.RegistrationError, match="not an AttentionBackend"):
+            lcaam_patch.register_backend("broken", bad)
+    assert "broken" not in lcaam_patch.backends.backend_names()
 
 
 def test_dropout_drops_weights_in_training():

@@ -11,8 +11,7 @@ from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch import lcaam_attention
-from lcaam_patch.attention import AttentionRequest, resolve_backend
+from lcaam_patch import AttentionCall, lcaam_attention
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)"
@@ -56,9 +55,10 @@ def relative_errors(backend, q, k, v, mask, *, fusion, attn_mask, is_causal, sca
     grad = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=torch.float64, device=q.device)
 
     def run(name, tensors):
-        out, _ = lcaam_attention(
-            *tensors, fusion=fusion, scale=scale, attn_mask=attn_mask, is_causal=is_causal, backend=name
-        )
+        q, k, v, m = tensors
+        call = AttentionCall(q, k, v, m, fusion=fusion, scale=scale, attn_mask=attn_mask, is_causal=is_causal)
+        out, _, ran = lcaam_patch.backends.run(call, name)
+        assert ran == name
         grads = torch.autograd.grad(out, tensors, grad.to(out.dtype))
         return [out, *grads]
 
@@ -183,7 +183,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lcaam_patch.kernels.attention import kernels
+    from lcaam_patch.backends.triton.ops import kernels
 
     module = kernels(interpret=False)
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "DM": "*fp32", "Bias": "*i1"}
@@ -217,31 +217,6 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
         assert 0 < compiled.metadata.shared <= 228 * 1024, kernel.fn.__name__
 
 
-def test_auto_routes():
-    cpu = dict(device_type="cpu", dtype=torch.float32)
-    cuda = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=64, value_dim=64)
-    assert resolve_backend("auto", AttentionRequest("mul", False, **cpu)) == "eager"
-    assert resolve_backend("auto", AttentionRequest("mul", False, **cpu, mask_form="lowrank")) == "lowrank_sdpa"
-    assert resolve_backend("auto", AttentionRequest("add", True, **cpu, mask_form="lowrank")) == "eager"
-    if importlib.util.find_spec("triton") is not None:
-        assert resolve_backend("auto", AttentionRequest("mul", False, **cuda)) == "triton"
-        assert resolve_backend("auto", AttentionRequest("add", False, **cuda, attn_mask="bool", is_causal=True)) == "triton"
-    assert resolve_backend("auto", AttentionRequest("mul", False, **cuda, dropout=True)) == "eager"
-    assert resolve_backend("auto", AttentionRequest("add", False, **cuda, dropout=True)) == "sdpa"
-    wide = dict(cuda, head_dim=256, value_dim=256)
-    assert resolve_backend("auto", AttentionRequest("mul", False, **wide)) == "flex"
-    assert resolve_backend("triton", AttentionRequest("mul", False, **cuda, attn_mask="float", attn_mask_grad=True)) == "flex"
-
-
-@needs_triton
-@pytest.mark.usefixtures("interpret")
-def test_auto_takes_triton_on_cpu_only_under_the_interpreter(monkeypatch):
-    request = AttentionRequest("mul", False, "cpu", torch.float32)
-    assert resolve_backend("auto", request) == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert resolve_backend("auto", request) == "eager"
-
-
 def test_explicit_backend_that_cannot_run_here_is_refused_at_apply():
     if torch.cuda.is_available():
         pytest.skip("with CUDA present, triton and flex are valid choices for a model moved there later")
@@ -257,13 +232,17 @@ def test_flex_score_mod_forward_on_cpu(fusion, masking):
     """FlexAttention has no CPU backward, so only the score_mod's forward is checked here."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from lcaam_patch.backends_flex import _score_mod
+    from lcaam_patch.backends.flex import _score_mod
 
     q, k, v, mask = (t.detach() for t in make_inputs(torch.float32, Nq=16, Nk=16 if masking == "causal" else 24))
     B, H, Nq, Nk = 2, 2, q.shape[-2], k.shape[-2]
     attn_mask, is_causal = upstream_mask(masking, B, Nq, Nk)
-    full = None if attn_mask is None else attn_mask.expand(B, H, Nq, Nk)
-    out = flex_attention(q, k, v, score_mod=_score_mod(mask, fusion, full, is_causal), scale=0.3)
+    keep = bias = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask.expand(B, H, Nq, Nk)
+    elif attn_mask is not None:
+        bias = attn_mask.expand(B, H, Nq, Nk)
+    out = flex_attention(q, k, v, score_mod=_score_mod(mask, fusion, bias, keep, is_causal), scale=0.3)
     expected, _ = lcaam_attention(
         q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal, backend="eager"
     )

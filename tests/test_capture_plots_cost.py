@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch import plots
+from lcaam_patch.tools import plots
 from lcaam_patch.cli import main
 
 from conftest import tiny_vit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lcaam_patch.demo import run_demo
+from lcaam_patch.cli.demo import run_demo
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch import registry
+from lcaam_patch.adapters import registry
 from lcaam_patch.errors import (
     AlreadyPatchedError,
     InvalidOptionError,

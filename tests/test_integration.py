@@ -93,16 +93,54 @@ def test_timm_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_global_mode_with_gradient_checkpointing():
+def test_multilayer_mode_with_gradient_checkpointing_is_exact():
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = patched_vit(mode="global")
+        model = patched_vit(mode="multilayer")
         model.set_grad_checkpointing(checkpointing)
         nn.functional.cross_entropy(model(x), y).backward()
-        grads.append(model.blocks[0].attn.lcaam.layers[0].weight.grad)
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+        grads.append([p.grad for n, p in model.named_parameters() if ".lcaam." in n])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_global_mode_refuses_activation_checkpointing_in_backward(use_reentrant):
+    """Recomputed layers would read the mask of whichever forward ran last (or one made
+    under no_grad): refused with a message, never a silently wrong gradient."""
+    model = patched_vit(mode="global")
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    tokens = model.patch_embed(x)
+    out = torch.utils.checkpoint.checkpoint(model.blocks, tokens, use_reentrant=use_reentrant)
+    with pytest.raises(lcaam_patch.GlobalModeError, match="activation checkpointing.*mode='multilayer'"):
+        out.sum().backward()
+
+
+def test_global_mode_gives_each_thread_its_own_mask():
+    import threading
+
+    model = patched_vit(mode="global").eval()
+    inputs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                barrier.wait()
+                results[i] = model(inputs[i])
+                torch.testing.assert_close(results[i], expected[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(results) == {0, 1}
 
 
 @pytest.mark.parametrize("fusion", ["mul", "add"])

@@ -14,10 +14,10 @@ import pytest
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch import launcher
+from lcaam_patch.cli import run as launcher
 from lcaam_patch.adapters.torch_mha import MultiheadAttentionAdapter
 from lcaam_patch.cli import main
-from lcaam_patch.launcher import LauncherError
+from lcaam_patch import LauncherError
 
 PACKAGE = "fake_upstream_for_launcher"
 PRESET = "fake_launcher"

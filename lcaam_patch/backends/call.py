@@ -1,0 +1,136 @@
+"""What one LCAAM attention call asks of a backend, and the protocol every backend follows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Protocol
+
+import torch
+
+NEUTRAL = {"mul": 1.0, "add": 0.0}
+"""The value of M that leaves the scores unchanged, per fusion."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankMask:
+    """M = A·Bᵀ kept as its factors: A (B, Nq, R) from the query tokens, B (B, Nk, R) from the keys.
+
+    Backends with `accepts_lowrank = True` receive the factors; the others get `dense()`.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of M, (B, Nq, Nk)."""
+        return torch.Size((self.a.shape[0], self.a.shape[-2], self.b.shape[-2]))
+
+    def dense(self) -> torch.Tensor:
+        """M itself, (B, Nq, Nk)."""
+        return self.a @ self.b.transpose(-2, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """One fused LCAAM attention, softmax((QKᵀ·scale ◇ M) + upstream mask) V.
+
+    Attributes:
+        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
+        mask: the LCAAM mask M (B, Nq, Nk), shared by every head, or its factors.
+        fusion: "mul" or "add" (◇).
+        scale: the factor on QKᵀ, usually D ** -0.5.
+        attn_mask: the upstream mask, broadcastable to (B, H, Nq, Nk): bool with True where
+            a query may attend (the SDPA convention), or float, added after fusion; -inf
+            entries of a float mask are hard masks like False entries of a bool mask.
+        is_causal: keep keys j <= i only (top-left aligned).
+        dropout_p: dropout on the attention weights.
+        need_weights: also return the weights (B, H, Nq, Nk).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | LowRankMask
+    fusion: str
+    scale: float
+    attn_mask: torch.Tensor | None = None
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    need_weights: bool = False
+
+    @property
+    def device_type(self) -> str:
+        """"cpu", "cuda", ...: where the call runs."""
+        return self.q.device.type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of q."""
+        return self.q.dtype
+
+    @property
+    def head_dim(self) -> int:
+        """D, the width of q and k per head."""
+        return self.q.shape[-1]
+
+    @property
+    def value_dim(self) -> int:
+        """Dv, the width of v per head."""
+        return self.v.shape[-1]
+
+    @property
+    def is_lowrank(self) -> bool:
+        """Whether M comes as its factors."""
+        return isinstance(self.mask, LowRankMask)
+
+    @property
+    def upstream_mask_kind(self) -> str:
+        """"none", "bool" or "float"."""
+        if self.attn_mask is None:
+            return "none"
+        return "bool" if self.attn_mask.dtype == torch.bool else "float"
+
+    @property
+    def upstream_mask_needs_grad(self) -> bool:
+        """Whether a float upstream mask must receive a gradient."""
+        return (
+            self.upstream_mask_kind == "float"
+            and self.attn_mask is not None
+            and self.attn_mask.requires_grad
+            and torch.is_grad_enabled()
+        )
+
+    def dense_mask(self) -> torch.Tensor:
+        """M as a (B, Nq, Nk) tensor, whichever form it comes in."""
+        return self.mask.dense() if isinstance(self.mask, LowRankMask) else self.mask
+
+    def with_dense_mask(self) -> AttentionCall:
+        """This call with M as a dense tensor."""
+        return self if not self.is_lowrank else dataclasses.replace(self, mask=self.dense_mask())
+
+
+class AttentionResult(NamedTuple):
+    """The output (B, H, Nq, Dv), the weights when asked, and the backend that computed them."""
+
+    output: torch.Tensor
+    weights: torch.Tensor | None
+    backend: str
+
+
+class AttentionBackend(Protocol):
+    """A way to compute an `AttentionCall`: the one extension point for faster kernels.
+
+    `refusal` says why the backend cannot compute a call exactly (None when it can);
+    `__call__` computes it and returns the output and, when asked, the weights. A backend
+    that sets `accepts_lowrank = True` receives a factorized M as a `LowRankMask`; every
+    other backend gets a dense M.
+    """
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """None when this backend computes `call` exactly, else the reason it cannot."""
+        ...
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output (B, H, Nq, Dv) and, if `call.need_weights`, the weights."""
+        ...

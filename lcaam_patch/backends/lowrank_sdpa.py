@@ -1,0 +1,66 @@
+"""`backend="lowrank_sdpa"`: a factorized M = A·Bᵀ through SDPA with widened heads, exactly.
+
+The fused scores never need M itself: widening every head turns them into a plain scaled
+dot product that SDPA (flash/memory-efficient kernels on the GPU) computes exactly:
+
+- mul: q'ᵢ = [A_ir·qᵢ]_r, k'ⱼ = [B_jr·kⱼ]_r (head dim D·R), so q'ᵢ·k'ⱼ = M_ij (qᵢ·kⱼ);
+- add: q'ᵢ = [qᵢ, Aᵢ/scale], k'ⱼ = [kⱼ, Bⱼ] (head dim D+R, zero-padded to a multiple
+  of 8), so scale·q'ᵢ·k'ⱼ = scale·qᵢ·kⱼ + M_ij.
+
+The factors are used as they are: the masking module's sanitising of M at hard-masked keys
+does not apply to them (a non-finite factor of a masked key is not cleaned).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import masking
+from .call import AttentionCall, LowRankMask
+
+
+def widen(
+    q: torch.Tensor, k: torch.Tensor, mask: LowRankMask, *, fusion: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q', k' whose scaled dot products are the fused scores (S ◇ A·Bᵀ)."""
+    a = mask.a.to(q.dtype).unsqueeze(1)
+    b = mask.b.to(k.dtype).unsqueeze(1)
+    if fusion == "mul":
+        return (a.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2), (b.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)
+    heads = q.shape[1]
+    pad = -(q.shape[-1] + a.shape[-1]) % 8
+    q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, heads, -1, -1)], -1), (0, pad))
+    k_wide = F.pad(torch.cat([k, b.expand(-1, heads, -1, -1)], -1), (0, pad))
+    return q_wide, k_wide
+
+
+class LowRankSDPABackend:
+    """Factorized masks of either fusion on every device; never returns weights."""
+
+    accepts_lowrank = True
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """Only factorized masks (generator='lowrank'), and no weights."""
+        if not call.is_lowrank:
+            return "it needs M as factors, which only generator='lowrank' produces"
+        if call.need_weights:
+            return "SDPA does not return attention weights (need_weights=True)"
+        return None
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the widened q', k' under the upstream mask."""
+        assert isinstance(call.mask, LowRankMask)
+        q_wide, k_wide = widen(call.q, call.k, call.mask, fusion=call.fusion, scale=call.scale)
+        v = call.v
+        value_dim = v.shape[-1]
+        if v.is_cuda and value_dim < q_wide.shape[-1]:
+            v = F.pad(v, (0, q_wide.shape[-1] - value_dim))  # equal head dims keep flash eligible
+        upstream = masking.upstream_mask(call)
+        only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
+        attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
+        out = F.scaled_dot_product_attention(
+            q_wide, k_wide, v, attn_mask=attn_mask, dropout_p=call.dropout_p, is_causal=only_causal,
+            scale=call.scale,
+        )[..., :value_dim]
+        return masking.zero_dead_rows(out, upstream), None

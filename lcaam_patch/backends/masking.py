@@ -1,0 +1,156 @@
+"""The one place where upstream masks are read: hard masks, soft biases, causality, dead rows.
+
+The guarantee every backend meets through this module:
+
+- A key is *hard-masked* for a query when the upstream mask says so with a False entry of
+  a bool mask or a -inf entry of a float mask, or when `is_causal` puts it after the query.
+  A hard-masked key gets weight exactly 0 and passes no gradient to q, k, v or M, for any
+  value of M: before fusion, M is set to the fusion's neutral value at every key that is
+  hard-masked in every head, so even a non-finite M there has no effect.
+- Finite entries of a float mask are *soft*: added to the fused scores, as upstream adds
+  them, so a large S·M can outweigh them. Adapters whose upstream writes hard masks as a
+  large finite negative number (BERT's -10000, `finfo.min`) turn them into -inf with
+  `harden` first.
+- A query whose keys are all hard-masked (a *dead row*) gets output 0 and no gradient,
+  never NaN.
+- M is cast to the dtype a backend computes in with saturation, so a finite M stays finite
+  in half precision; a non-finite M at a key that is attended is not a mask and gives a
+  non-finite output there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .call import NEUTRAL, AttentionCall
+
+
+def causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """(Nq, Nk) bool, True where key j <= query i (top-left aligned)."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamMask:
+    """The upstream mask of one call, split into what hides keys and what shifts scores.
+
+    Attributes:
+        keep: bool (B|1, H|1, Nq|1, Nk), False where the upstream mask hard-masks a key
+            (causality not included); None when it hard-masks nothing.
+        bias: the finite part of a float upstream mask, 4-D; None when there is none.
+        causal: whether keys after the query are hard-masked too.
+        nq, nk: the query and key counts of the call.
+    """
+
+    keep: torch.Tensor | None
+    bias: torch.Tensor | None
+    causal: bool
+    nq: int
+    nk: int
+
+    @property
+    def hides_keys(self) -> bool:
+        """Whether any key may be hard-masked."""
+        return self.keep is not None or self.causal
+
+    def full_keep(self) -> torch.Tensor | None:
+        """`keep` with causality folded in; None when nothing is hard-masked."""
+        keep = self.keep
+        if self.causal:
+            device = keep.device if keep is not None else (self.bias.device if self.bias is not None else None)
+            tril = causal_keep(self.nq, self.nk, device or torch.device("cpu"))
+            keep = tril if keep is None else keep & tril
+        return None if keep is None else _as_4d(keep)
+
+    def dead_rows(self, keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """bool (.., Nq, 1), True for queries with every key hard-masked; None if none can be.
+
+        `keep` defaults to `full_keep()`; pass it when already computed.
+        """
+        keep = self.full_keep() if keep is None else keep
+        if keep is None or not self.keep_may_empty_rows():
+            return None
+        return ~keep.any(dim=-1, keepdim=True)
+
+    def keep_may_empty_rows(self) -> bool:
+        """Whether a row can lose every key: only through the upstream mask (causality
+        always keeps key 0)."""
+        return self.keep is not None
+
+    def additive(
+        self, dtype: torch.dtype, base: torch.Tensor | None = None, *, fold_causal: bool = True
+    ) -> torch.Tensor | None:
+        """One float mask for kernels that take an additive mask: `base` (e.g. M for
+        `fusion="add"`) plus the soft bias and -inf at hard-masked keys.
+
+        With `fold_causal` (for kernels that cannot combine a mask with causality) the
+        causal keys are in it too and dead rows are set to 0, so the kernel never sees a
+        row of -inf; the caller zeroes their output with `zero_dead_rows`. Without it the
+        kernel applies causality and handles dead rows itself.
+        """
+        total = base.to(dtype) if base is not None else None
+        if self.bias is not None:
+            total = self.bias.to(dtype) if total is None else total + self.bias.to(dtype)
+        keep = self.full_keep() if fold_causal else (None if self.keep is None else _as_4d(self.keep))
+        if keep is None:
+            return total
+        if total is None:
+            total = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        total = total.masked_fill(~keep, float("-inf"))
+        dead = self.dead_rows(keep) if fold_causal else None
+        return total if dead is None else total.masked_fill(dead, 0.0)
+
+
+def upstream_mask(call: AttentionCall) -> UpstreamMask:
+    """Split the upstream mask and causality of `call` (see the module docstring)."""
+    nq, nk = call.q.shape[-2], call.k.shape[-2]
+    attn_mask = call.attn_mask
+    if attn_mask is None:
+        return UpstreamMask(None, None, call.is_causal, nq, nk)
+    attn_mask = _as_4d(attn_mask)
+    if attn_mask.dtype == torch.bool:
+        return UpstreamMask(attn_mask, None, call.is_causal, nq, nk)
+    hard = torch.isneginf(attn_mask)
+    return UpstreamMask(~hard, attn_mask.masked_fill(hard, 0.0), call.is_causal, nq, nk)
+
+
+def saturating_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, clamped to its finite range when that range is narrower."""
+    if tensor.dtype == dtype:
+        return tensor
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+        info = torch.finfo(dtype)
+        tensor = tensor.clamp(info.min, info.max)
+    return tensor.to(dtype)
+
+
+def lcaam_mask(call: AttentionCall, upstream: UpstreamMask, dtype: torch.dtype) -> torch.Tensor:
+    """Dense M of `call` in `dtype`, (B, 1, Nq, Nk), with the fusion's neutral value at every
+    key hard-masked in every head, so that M there never enters the computation."""
+    m = call.dense_mask()
+    keep = upstream.full_keep()
+    if keep is not None:
+        attended = keep.any(dim=-3)
+        m = torch.where(attended, m, torch.full((), NEUTRAL[call.fusion], dtype=m.dtype, device=m.device))
+    return saturating_cast(m, dtype).unsqueeze(-3)
+
+
+def zero_dead_rows(out: torch.Tensor, upstream: UpstreamMask) -> torch.Tensor:
+    """`out` (B, H, Nq, Dv) with the rows of dead queries set to 0."""
+    dead = upstream.dead_rows()
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def harden(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A float upstream mask with every entry <= `threshold` made -inf (a hard mask).
+
+    For upstreams that write "masked" as a large finite negative number: BERT's
+    `(1 - m) * -10000` (threshold -10000) or `torch.finfo(dtype).min`.
+    """
+    return attn_mask.masked_fill(attn_mask <= threshold, float("-inf"))

@@ -1,0 +1,30 @@
+"""`backend="sdpa"`: `fusion="add"` through `F.scaled_dot_product_attention`, M in its float mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import masking
+from .call import AttentionCall
+
+
+class SDPABackend:
+    """M, the upstream mask and causality folded into one additive mask for SDPA."""
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """SDPA adds a mask to the scores; it cannot multiply them, nor return weights."""
+        if call.fusion != "add":
+            return "SDPA can add M to the scores but not multiply them (fusion='mul')"
+        if call.need_weights:
+            return "SDPA does not return attention weights (need_weights=True)"
+        return None
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One SDPA call; dead rows are computed unmasked and their output set to 0."""
+        upstream = masking.upstream_mask(call)
+        bias = upstream.additive(call.dtype, masking.lcaam_mask(call, upstream, call.dtype))
+        out = F.scaled_dot_product_attention(
+            call.q, call.k, call.v, attn_mask=bias, dropout_p=call.dropout_p, scale=call.scale
+        )
+        return masking.zero_dead_rows(out, upstream), None

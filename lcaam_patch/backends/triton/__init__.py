@@ -1,0 +1,72 @@
+"""`backend="triton"`: the fused Triton kernel, forward and backward (`ops.fused_attention`).
+
+It serves CUDA tensors (fp16, bf16, fp32; head dims up to 128; bool or float upstream
+masks without a gradient; causal; no dropout, no weights). CPU tensors are served only
+under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use. Triton is
+imported on the first call, not before.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .. import masking
+from ..call import AttentionCall
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (looked up once per process)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Whether `TRITON_INTERPRET=1` asks for the kernel to run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class TritonBackend:
+    """Fused mul/add attention with M read per tile and dM summed over heads in the kernel."""
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """CUDA (or the CPU under `TRITON_INTERPRET=1`), no weights, no dropout, D <= 128."""
+        if call.need_weights:
+            return "the kernel does not return attention weights (need_weights=True)"
+        if call.dropout_p > 0.0:
+            return "the kernel has no attention dropout (dropout_p > 0)"
+        if call.upstream_mask_needs_grad:
+            return "the kernel passes no gradient to a float upstream mask that requires one"
+        if call.dtype not in DTYPES:
+            return f"the kernel computes fp16, bf16 and fp32, not {call.dtype}"
+        if max(call.head_dim, call.value_dim) > MAX_HEAD_DIM:
+            return f"the kernel takes head dims up to {MAX_HEAD_DIM}, not {max(call.head_dim, call.value_dim)}"
+        if not triton_available():
+            return "Triton is not installed (pip install triton)"
+        if call.device_type == "cuda":
+            return None
+        if call.device_type == "cpu" and interpreter_enabled():
+            return None
+        return (
+            f"the kernel runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), and "
+            f"these are on {call.device_type}"
+        )
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the kernel; M is sanitised and cast to the inputs' dtype with saturation."""
+        from .ops import fused_attention
+
+        upstream = masking.upstream_mask(call)
+        m = masking.lcaam_mask(call, upstream, call.dtype).squeeze(-3)
+        kernel_mask = upstream.keep if upstream.bias is None else upstream.additive(call.dtype, fold_causal=False)
+        out = fused_attention(
+            call.q, call.k, call.v, m, fusion=call.fusion, scale=call.scale, attn_mask=kernel_mask,
+            is_causal=call.is_causal,
+        )
+        return out, None

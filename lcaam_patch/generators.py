@@ -1,0 +1,250 @@
+"""The mask generators F of the paper (eq. 2-4), behind one protocol.
+
+- `MaskGenerator` (`generator="mlp"`): a Linear-ReLU stack from each query token to its
+  mask row, M (B, Nq, Nk) with Nk bounded by the generator's output width.
+- `LowRankGenerator` (`generator="lowrank"`): M = A·Bᵀ with A = F_A(X_q) (B, Nq, R) from
+  the query tokens and B = F_B(X_k) (B, Nk, R) from the key tokens, kept factorized, with
+  no bound on the number of tokens.
+
+Both are called as `generator(x, num_kv_tokens, kv_tokens)` and say what they are through
+`LCAAMGenerator`'s attributes, so no caller needs to know which one it holds.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends.call import NEUTRAL, LowRankMask
+from .config import neutral_bias
+from .errors import InvalidOptionError, SequenceTooLongError
+
+
+@runtime_checkable
+class LCAAMGenerator(Protocol):
+    """What every mask generator offers.
+
+    Attributes:
+        kind: "mlp" or "lowrank", the value of `apply`'s `generator` option.
+        reads_key_tokens: whether the generator reads the key tokens (else only the
+            query tokens); sites whose keys come from a cache must keep those tokens.
+        max_kv_tokens: the largest key count it can place, None for no bound.
+    """
+
+    kind: str
+    reads_key_tokens: bool
+    max_kv_tokens: int | None
+
+    def __call__(
+        self, x: torch.Tensor, num_kv_tokens: int, kv_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor | LowRankMask:
+        """M (or its factors) for query tokens `x` (B, Nq, D) and `num_kv_tokens` keys."""
+        ...
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as configured (identity by default)."""
+        ...
+
+    def describe(self) -> str:
+        """A short description for tables, e.g. "1×Linear→197"."""
+        ...
+
+class MaskGenerator(nn.Module):
+    """Maps tokens X (B, Nq, D) to a mask M (B, Nq, Nk) with Nk <= `max_kv_tokens`.
+
+    `depth` Linear layers with ReLU between them; the last one outputs `max_kv_tokens`
+    columns, sliced to the key length of each call. With `init="identity"` the last layer
+    starts at weight 0 and a bias whose activation is the fusion's neutral value, so the
+    patched attention computes exactly what the original computes.
+    """
+
+    kind = "mlp"
+    reads_key_tokens = False
+
+    def __init__(
+        self,
+        in_features: int,
+        max_kv_tokens: int,
+        *,
+        depth: int = 1,
+        hidden: int | None = None,
+        activation: str = "none",
+        fusion: str = "mul",
+        init: str = "identity",
+        site: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        hidden = hidden or in_features
+        widths = [in_features] + [hidden] * (depth - 1) + [max_kv_tokens]
+        self.layers = nn.ModuleList(
+            nn.Linear(w_in, w_out, device=device, dtype=dtype)
+            for w_in, w_out in zip(widths[:-1], widths[1:])
+        )
+        self.activation = activation
+        self.fusion = fusion
+        self.max_kv_tokens = max_kv_tokens
+        self.site = site
+        self.init = init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as configured: He init for hidden layers, identity (or PyTorch's
+        default) for the last. Call it after `to_empty()` when the model was patched on
+        the `meta` device (`lcaam_patch.reset_generators(model)` does every site)."""
+        if self.init == "default":
+            self.layers[-1].reset_parameters()
+        self.reset_hidden_layers()
+        if self.init == "identity":
+            self.reset_to_identity()
+
+    def reset_hidden_layers(self) -> None:
+        """He (Kaiming) init for the layers followed by ReLU, biases at 0.
+
+        PyTorch's default Linear init shrinks the signal by about √3 per ReLU layer, so a
+        deep generator (the paper uses depth 16 and 32) would start blind to its input.
+        """
+        with torch.no_grad():
+            for layer in self.layers[:-1]:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                layer.bias.zero_()
+
+    def reset_to_identity(self) -> None:
+        """Set the last layer so that M equals the fusion's neutral value everywhere."""
+        bias = neutral_bias(self.fusion, self.activation)
+        if bias is None:
+            raise InvalidOptionError(
+                f"activation={self.activation!r} has no identity for fusion={self.fusion!r}; "
+                f"use init='default'"
+            )
+        last = self.layers[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(bias)
+
+    def forward(
+        self, x: torch.Tensor, num_kv_tokens: int | None = None, kv_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return M for tokens `x` (..., Nq, D), sliced to `num_kv_tokens` columns (the key
+        tokens themselves are not read)."""
+        num_kv_tokens = self.max_kv_tokens if num_kv_tokens is None else num_kv_tokens
+        if num_kv_tokens > self.max_kv_tokens:
+            raise SequenceTooLongError(
+                f"the attention at {self.site or 'this site'!r} got {num_kv_tokens} key tokens "
+                f"but its LCAAM generator outputs at most {self.max_kv_tokens}; pass "
+                f"max_kv_tokens={num_kv_tokens} (max_tokens for self-attention) or larger "
+                f"to lcaam_patch.apply"
+            )
+        h = x
+        for layer in self.layers[:-1]:
+            h = F.relu(layer(h))
+        last = self.layers[-1]
+        if num_kv_tokens < self.max_kv_tokens:
+            m = F.linear(h, last.weight[:num_kv_tokens], last.bias[:num_kv_tokens])
+        else:
+            m = last(h)
+        if self.activation == "sigmoid":
+            m = torch.sigmoid(m)
+        elif self.activation == "softplus":
+            m = F.softplus(m)
+        return m
+
+    def describe(self) -> str:
+        """"DEPTH×Linear→WIDTH"."""
+        return f"{len(self.layers)}×Linear→{self.max_kv_tokens}"
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, fusion={self.fusion!r}"
+
+
+def _stack(in_features: int, out_features: int, depth: int, hidden: int | None, **factory: object) -> nn.ModuleList:
+    hidden = hidden or in_features
+    widths = [in_features] + [hidden] * (depth - 1) + [out_features]
+    return nn.ModuleList(nn.Linear(i, o, **factory) for i, o in pairwise(widths))
+
+
+def _run(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers[:-1]:
+        x = F.relu(layer(x))
+    return layers[-1](x)
+
+
+class LowRankGenerator(nn.Module):
+    """Maps query tokens (B, Nq, D) and key tokens (B, Nk, Dk) to the factors of M = A·Bᵀ.
+
+    `query` and `key` are Linear-ReLU stacks of `depth` layers ending in `rank` outputs.
+    With `init="identity"` the key stack's last layer starts at weight 0 and bias e₀
+    (mul) or 0 (add), and the query stack's first output at weight 0 and bias 1, so M is
+    the fusion's neutral value; the other query outputs keep PyTorch's random init, which
+    gives every rank component a gradient from the first step.
+    """
+
+    kind = "lowrank"
+    reads_key_tokens = True
+    max_kv_tokens = None
+
+    def __init__(
+        self,
+        in_features: int,
+        kv_in_features: int,
+        rank: int,
+        *,
+        depth: int = 1,
+        hidden: int | None = None,
+        fusion: str = "mul",
+        init: str = "identity",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.query = _stack(in_features, rank, depth, hidden, **factory)
+        self.key = _stack(kv_in_features, rank, depth, hidden, **factory)
+        self.rank = rank
+        self.fusion = fusion
+        self.init = init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as configured: He init for the hidden layers (as `MaskGenerator`),
+        PyTorch's default for the last ones, then identity if asked. Call it after
+        `to_empty()` for a model patched on `meta` (`lcaam_patch.reset_generators`)."""
+        with torch.no_grad():
+            for stack in (self.query, self.key):
+                for layer in stack[:-1]:
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                    layer.bias.zero_()
+                stack[-1].reset_parameters()
+        if self.init == "identity":
+            self.reset_to_identity()
+
+    def reset_to_identity(self) -> None:
+        """Make M the fusion's neutral value (1 for mul, 0 for add) for every input."""
+        neutral = NEUTRAL[self.fusion]
+        with torch.no_grad():
+            key, query = self.key[-1], self.query[-1]
+            key.weight.zero_()
+            key.bias.zero_()
+            if neutral != 0.0:
+                key.bias[0] = 1.0
+                query.weight[0].zero_()
+                query.bias[0] = neutral
+
+    def forward(
+        self, x: torch.Tensor, num_kv_tokens: int | None = None, kv_tokens: torch.Tensor | None = None
+    ) -> LowRankMask:
+        """The factors of M for query tokens `x` and key tokens `kv_tokens` (default: `x`,
+        self-attention); `num_kv_tokens` needs no bound here."""
+        return LowRankMask(_run(self.query, x), _run(self.key, x if kv_tokens is None else kv_tokens))
+
+    def describe(self) -> str:
+        """"lowrank r=R, 2×DEPTH×Linear"."""
+        return f"lowrank r={self.rank}, 2×{len(self.query)}×Linear"
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, fusion={self.fusion!r}"

@@ -1,0 +1,1 @@
+"""Inspection tools on top of the core: survey, summary, capture, cost, plots."""

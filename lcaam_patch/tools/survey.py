@@ -1,0 +1,66 @@
+"""`survey(model)`: a dry run of `apply` that lists what it would patch, and why not."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from ..adapters import registered_adapters
+from ..errors import LCAAMError
+from ..patching import claimant, looks_like_attention, require_module, resolve_config, site_geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class SurveyEntry:
+    """What `apply` would do with one module.
+
+    Attributes:
+        path: the module's path.
+        class_name: its class, with the module it comes from.
+        adapter: the adapter that claims it, or None.
+        status: "patch", "filtered" (left out by targets/exclude, or by its adapter under
+            these options), "error" (the adapter refuses it) or "unclaimed" (attention-like,
+            but no adapter knows the class).
+        detail: the bound it would get, or why not.
+    """
+
+    path: str
+    class_name: str
+    adapter: str | None
+    status: str
+    detail: str
+
+
+def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> list[SurveyEntry]:
+    """A dry run of `apply(model, preset=preset, **options)` that changes nothing.
+
+    Lists every module an adapter claims and every attention-like module none claims,
+    with what `apply` would do and why.
+    """
+    require_module(model, "survey")
+    config = resolve_config(preset, options)
+    adapters = list(registered_adapters().values())
+    entries = []
+    for path, module in model.named_modules():
+        class_name = f"{type(module).__module__}.{type(module).__qualname__}"
+        adapter = claimant(adapters, module, path, model)
+        if adapter is None:
+            if looks_like_attention(module):
+                entries.append(
+                    SurveyEntry(path, class_name, None, "unclaimed", "no registered adapter patches this class")
+                )
+            continue
+        try:
+            geometry = site_geometry(path, module, adapter, model, config)
+        except LCAAMError as error:
+            entries.append(SurveyEntry(path, class_name, adapter.name, "error", str(error)))
+            continue
+        if geometry is None:
+            why = "left out by targets/exclude, or by its adapter under these options"
+            entries.append(SurveyEntry(path, class_name, adapter.name, "filtered", why))
+        else:
+            bound = f"{geometry.max_q_tokens or '-'}×{geometry.max_kv_tokens}"
+            entries.append(SurveyEntry(path, class_name, adapter.name, "patch", f"{geometry.kind}, Nq×Nk ≤ {bound}"))
+    return entries
