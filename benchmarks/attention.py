@@ -29,10 +29,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 import lcaam_patch
-from lcaam_patch import LowRankMask, lcaam_attention
-from lcaam_patch.attention import AttentionRequest, resolve_backend
+from lcaam_patch import AttentionCall, LowRankMask, lcaam_attention
+from lcaam_patch.backends import choose
 
 MIB = 2**20
 
@@ -142,8 +141,10 @@ def op_rows(shape: str, B: int, H: int, N: int, D: int, routes: list[Route], arg
     rows = []
     for route in routes:
         if route.fusion is None:
+
             def call() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
             resolved, err = "flash sdpa" if device.type == "cuda" else "sdpa", None
         else:
             m = masks[route.generator, route.fusion]
@@ -151,15 +152,16 @@ def op_rows(shape: str, B: int, H: int, N: int, D: int, routes: list[Route], arg
             def call(m: torch.Tensor | LowRankMask = m, route: Route = route) -> torch.Tensor:
                 return lcaam_attention(q, k, v, m, fusion=route.fusion, scale=scale, backend=route.backend)[0]
 
-            request = AttentionRequest.of_call(
-                q, v, m, fusion=route.fusion, attn_mask=None, is_causal=False, dropout_p=0.0, need_weights=False
-            )
-            resolved = resolve_backend(route.backend, request)
+            resolved = choose(route.backend, AttentionCall(q, k, v, m, fusion=route.fusion, scale=scale))
             with torch.no_grad():
                 reference = lcaam_attention(
-                    q.float(), k.float(), v.float(),
+                    q.float(),
+                    k.float(),
+                    v.float(),
                     LowRankMask(m.a.float(), m.b.float()) if isinstance(m, LowRankMask) else m.float(),
-                    fusion=route.fusion, scale=scale, backend="eager",
+                    fusion=route.fusion,
+                    scale=scale,
+                    backend="eager",
                 )[0]
                 err = (call().float() - reference).abs().max().item()
 
@@ -224,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the op (and optionally the inference) benchmark; print tables, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default: 30 CUDA, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 10 CUDA, 2 CPU)")
     parser.add_argument("--inference", action="store_true", help="also time a patched ViT forward pass")
@@ -239,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup or (10 if cuda else 2)
     args.inference_batch = args.inference_batch or (128 if cuda else 2)
     routes = [r for r in ROUTES if cuda or not r.gpu_only]
-    shapes = (
-        [("224px b128", 128, 12, 197, 64), ("384px b32", 32, 12, 577, 64)] if cuda else [("cpu b2", 2, 4, 65, 32)]
-    )
+    shapes = [("224px b128", 128, 12, 197, 64), ("384px b32", 32, 12, 577, 64)] if cuda else [("cpu b2", 2, 4, 65, 32)]
     where = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{where}, {args.dtype}, torch {torch.__version__}, iters {args.iters} after {args.warmup} warmup")
     rows = [row for shape in shapes for row in op_rows(*shape, routes, args)]
-    header = f"{'shape':<11} {'route':<16} {'resolved':<13} {'fwd ms':>8} {'×':>5} {'f+b ms':>8} {'×':>5} {'f+b MiB':>8} {'×':>5} {'max err':>8}"
+    header = (
+        f"{'shape':<11} {'route':<16} {'resolved':<13} {'fwd ms':>8} {'×':>5} {'f+b ms':>8} {'×':>5} "
+        f"{'f+b MiB':>8} {'×':>5} {'max err':>8}"
+    )
     print(header)
     for r in rows:
         err = "-" if r.max_abs_err is None else f"{r.max_abs_err:.1e}"
@@ -259,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"device": where, "args": vars(args), "torch": torch.__version__,
-                 "op": [dataclasses.asdict(r) for r in rows], "inference": inference},
-                f, indent=2,
+                {
+                    "device": where,
+                    "args": vars(args),
+                    "torch": torch.__version__,
+                    "op": [dataclasses.asdict(r) for r in rows],
+                    "inference": inference,
+                },
+                f,
+                indent=2,
             )
     return 0
 

@@ -108,12 +108,8 @@ class Trainer:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; batch size, steps and warmup default by device."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config", choices=sorted(CONFIGS), help="model, batch size and dtype of an issue-6 run"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="model, batch size and dtype of an issue-6 run")
     parser.add_argument("--model", help="timm model name (default: vit_tiny_patch16_224)")
     parser.add_argument("--img-size", type=int, help="input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 64 on CUDA")
@@ -299,9 +295,7 @@ def format_table(results: list[Result]) -> str:
     return "\n".join([line(header), rule, *map(line, rows)])
 
 
-def describe_setup(
-    args: argparse.Namespace, device: torch.device, input_shape: tuple[int, ...]
-) -> str:
+def describe_setup(args: argparse.Namespace, device: torch.device, input_shape: tuple[int, ...]) -> str:
     """Lines saying what ran, where, and how it was measured."""
     cuda = device.type == "cuda"
     threads = torch.get_num_threads()
@@ -321,10 +315,7 @@ def describe_setup(
         "(saved_tensors_hooks, parameters excluded)"
     )
     if cuda:
-        memory += (
-            "; peak alloc = torch.cuda.max_memory_allocated over one step of the variant alone, "
-            "reset per variant"
-        )
+        memory += "; peak alloc = torch.cuda.max_memory_allocated over one step of the variant alone, reset per variant"
     return f"{setup}\n{timing}\n{memory}"
 
 
@@ -375,9 +366,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], list[str], tuple[int, .
     """Measure every variant; return the results, notes on skipped variants, the input shape."""
     device = torch.device(args.device)
     autocast: Autocast = (
-        functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-        if args.dtype == "bf16"
-        else nullcontext
+        functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext
     )
     template = build_model(args.model, args.img_size, args.seed)
     inputs, targets = random_batch(template, args.batch_size, args.img_size, args.seed)

@@ -63,8 +63,7 @@ class LCAAMConfig:
         _check_positive_int("rank", self.rank)
         if self.generator == "mlp" and self.rank != 1:
             raise InvalidOptionError(
-                f"rank={self.rank} applies to generator='lowrank' only; pass generator='lowrank' "
-                f"or drop rank"
+                f"rank={self.rank} applies to generator='lowrank' only; pass generator='lowrank' or drop rank"
             )
         if self.generator == "lowrank" and self.activation != "none":
             raise InvalidOptionError(
@@ -89,9 +88,7 @@ class LCAAMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise InvalidOptionError(
-                f"unknown option(s) {unknown}; the options of apply are {sorted(known)}"
-            )
+            raise InvalidOptionError(f"unknown option(s) {unknown}; the options of apply are {sorted(known)}")
         values = dict(options)
         for name in ("targets", "exclude"):
             values[name] = _as_patterns(name, values.get(name))
@@ -114,9 +111,7 @@ def _identity_activations(fusion: str) -> list[str]:
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise InvalidOptionError(
-            f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}"
-        )
+        raise InvalidOptionError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -132,6 +127,5 @@ def _as_patterns(name: str, value: object) -> tuple[str, ...] | None:
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise InvalidOptionError(
-        f"{name}={value!r} must be a glob pattern on module paths or a list of them, "
-        f"e.g. {name}=['blocks.*.attn']"
+        f"{name}={value!r} must be a glob pattern on module paths or a list of them, e.g. {name}=['blocks.*.attn']"
     )

@@ -53,6 +53,7 @@ class LCAAMGenerator(Protocol):
         """A short description for tables, e.g. "1×Linear→197"."""
         ...
 
+
 class MaskGenerator(nn.Module):
     """Maps tokens X (B, Nq, D) to a mask M (B, Nq, Nk) with Nk <= `max_kv_tokens`.
 
@@ -83,8 +84,7 @@ class MaskGenerator(nn.Module):
         hidden = hidden or in_features
         widths = [in_features] + [hidden] * (depth - 1) + [max_kv_tokens]
         self.layers = nn.ModuleList(
-            nn.Linear(w_in, w_out, device=device, dtype=dtype)
-            for w_in, w_out in zip(widths[:-1], widths[1:])
+            nn.Linear(w_in, w_out, device=device, dtype=dtype) for w_in, w_out in pairwise(widths)
         )
         self.activation = activation
         self.fusion = fusion
@@ -119,8 +119,7 @@ class MaskGenerator(nn.Module):
         bias = neutral_bias(self.fusion, self.activation)
         if bias is None:
             raise InvalidOptionError(
-                f"activation={self.activation!r} has no identity for fusion={self.fusion!r}; "
-                f"use init='default'"
+                f"activation={self.activation!r} has no identity for fusion={self.fusion!r}; use init='default'"
             )
         last = self.layers[-1]
         with torch.no_grad():
@@ -155,7 +154,7 @@ class MaskGenerator(nn.Module):
         return m
 
     def describe(self) -> str:
-        """"DEPTH×Linear→WIDTH"."""
+        """ "DEPTH×Linear→WIDTH"."""
         return f"{len(self.layers)}×Linear→{self.max_kv_tokens}"
 
     def extra_repr(self) -> str:
@@ -243,7 +242,7 @@ class LowRankGenerator(nn.Module):
         return LowRankMask(_run(self.query, x), _run(self.key, x if kv_tokens is None else kv_tokens))
 
     def describe(self) -> str:
-        """"lowrank r=R, 2×DEPTH×Linear"."""
+        """ "lowrank r=R, 2×DEPTH×Linear"."""
         return f"lowrank r={self.rank}, 2×{len(self.query)}×Linear"
 
     def extra_repr(self) -> str:

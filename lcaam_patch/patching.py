@@ -24,9 +24,9 @@ from .backends import AttentionCall, LowRankMask, refusal
 from .config import LCAAMConfig
 from .errors import (
     AlreadyPatchedError,
+    ForwardReplacedError,
     InvalidOptionError,
     NoAttentionFoundError,
-    ForwardReplacedError,
     NotAModuleError,
     NotPatchedError,
     UnsupportedModuleError,
@@ -214,9 +214,7 @@ def remove(model: nn.Module) -> nn.Module:
     require_module(model, "remove")
     sites = patched_sites(model)
     if not sites:
-        raise NotPatchedError(
-            "remove() found no LCAAM in this model; it was never patched or was already restored"
-        )
+        raise NotPatchedError("remove() found no LCAAM in this model; it was never patched or was already restored")
     for path, module, _ in sites:
         if not _is_our_forward(module):
             raise ForwardReplacedError(
@@ -301,9 +299,7 @@ def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
     return planned
 
 
-def _nothing_found_message(
-    model: nn.Module, config: LCAAMConfig, adapters: list[Adapter], claimed: set[str]
-) -> str:
+def _nothing_found_message(model: nn.Module, config: LCAAMConfig, adapters: list[Adapter], claimed: set[str]) -> str:
     seen = sorted(
         {f"{type(m).__module__}.{type(m).__qualname__}" for _, m in model.named_modules() if looks_like_attention(m)}
     )

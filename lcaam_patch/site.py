@@ -203,8 +203,16 @@ class LCAAMSite:
         None means `x` (self-attention). `attn_mask` follows `AttentionCall`.
         """
         call = AttentionCall(
-            q, k, v, self.mask(module, x, k.shape[-2], kv_tokens), fusion=self.fusion, scale=scale,
-            attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, need_weights=need_weights,
+            q,
+            k,
+            v,
+            self.mask(module, x, k.shape[-2], kv_tokens),
+            fusion=self.fusion,
+            scale=scale,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
         )
         result = self.run(call)
         return result.output, result.weights

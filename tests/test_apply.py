@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
 from lcaam_patch.errors import SequenceTooLongError
-
-from conftest import tiny_vit
 
 
 def randomize_generators(model: nn.Module) -> None:

@@ -110,7 +110,10 @@ def test_row_with_every_key_masked_is_zero_not_nan(backend, fusion):
 )
 def test_a_named_backend_that_cannot_compute_a_call_raises_instead_of_falling_back(backend, options, reason):
     q, k, v, mask = inputs()
-    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}' cannot compute this attention call: .*{reason}.*backend='auto'.*'eager'"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=f"backend='{backend}' cannot compute this attention call: .*{reason}.*backend='auto'.*'eager'",
+    ):
         lcaam_attention(q, k, v, mask, scale=0.5, backend=backend, **options)
 
 

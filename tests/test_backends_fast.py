@@ -114,9 +114,7 @@ def test_triton_head_dims(D, Dv):
 def test_triton_fp16_and_broadcast_head_mask():
     q, k, v, mask = make_inputs(torch.float16, B=2, H=3, Nq=18, Nk=18)
     per_head = torch.randn(1, 3, 18, 18).to(torch.float16)  # e.g. a relative-position bias
-    errors, eager_errors, _ = relative_errors(
-        "triton", q, k, v, mask, fusion="mul", attn_mask=per_head, is_causal=True
-    )
+    errors, eager_errors, _ = relative_errors("triton", q, k, v, mask, fusion="mul", attn_mask=per_head, is_causal=True)
     for err, ref in zip(errors, eager_errors):
         assert err < max(2 * ref, 1e-2), (errors, eager_errors)
 
@@ -155,18 +153,22 @@ def test_triton_in_a_patched_vit_matches_eager_including_generator_gradients():
 def test_triton_cross_attention_through_multihead_attention():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(32, 2, batch_first=True)
-    reference = lcaam_patch.apply(nn.Sequential(mha), fusion="add", init="default", max_tokens=20, max_kv_tokens=21, backend="eager")
+    reference = lcaam_patch.apply(
+        nn.Sequential(mha), fusion="add", init="default", max_tokens=20, max_kv_tokens=21, backend="eager"
+    )
     model = lcaam_patch.apply(
         nn.Sequential(nn.MultiheadAttention(32, 2, batch_first=True)),
-        fusion="add", init="default", max_tokens=20, max_kv_tokens=21, backend="auto",
+        fusion="add",
+        init="default",
+        max_tokens=20,
+        max_kv_tokens=21,
+        backend="auto",
     )
     model.load_state_dict(reference.state_dict())
     query, memory = torch.randn(2, 20, 32), torch.randn(2, 21, 32)
     padding = torch.zeros(2, 21, dtype=torch.bool)
     padding[1, 15:] = True
-    outputs = [
-        m[0](query, memory, memory, key_padding_mask=padding, need_weights=False)[0] for m in (reference, model)
-    ]
+    outputs = [m[0](query, memory, memory, key_padding_mask=padding, need_weights=False)[0] for m in (reference, model)]
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     for out in outputs:
         out.sum().backward()
@@ -191,7 +193,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     for kernel in (module._fwd, module._bwd_dkdv_dm, module._bwd_dq):
         config = kernel.configs[0]
         constants = dict(
-            FUSION_MUL=True, BIAS_KIND=2, CAUSAL=True, BLOCK_D=64, BLOCK_DV=64, UPCAST=False, PREC="tf32",
+            FUSION_MUL=True,
+            BIAS_KIND=2,
+            CAUSAL=True,
+            BLOCK_D=64,
+            BLOCK_DV=64,
+            UPCAST=False,
+            PREC="tf32",
             **config.kwargs,
         )
         signature = {}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch.tools import plots
 from lcaam_patch.cli import main
-
-from conftest import tiny_vit
+from lcaam_patch.tools import plots
 
 
 def patched(**options: object) -> nn.Module:
@@ -136,7 +135,12 @@ def test_survey_reports_patch_filtered_error_and_unclaimed():
 
 @pytest.mark.slow
 def test_inspect_prints_tables_and_writes_plots(tmp_path, capsys):
-    assert main(["inspect", "conftest:tiny_vit", "--input-shape", "1,3,16,16", "--init", "default", "--plot", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["inspect", "conftest:tiny_vit", "--input-shape", "1,3,16,16", "--init", "default", "--plot", str(tmp_path)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[patch    ] blocks.0.attn" in out
     assert "2 sites" in out and "GFLOPs" in out

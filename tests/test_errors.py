@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot, tiny_vit
 from torch import nn
 
 import lcaam_patch
@@ -19,8 +20,6 @@ from lcaam_patch.errors import (
     UnsupportedModuleError,
     UpstreamVersionError,
 )
-
-from conftest import assert_unchanged, snapshot, tiny_vit
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_vit
 from torch import nn
 
 import lcaam_patch
-
-from conftest import tiny_vit
 
 
 def patched_vit(**options: object) -> nn.Module:

@@ -14,10 +14,10 @@ import pytest
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch.cli import run as launcher
+from lcaam_patch import LauncherError
 from lcaam_patch.adapters.torch_mha import MultiheadAttentionAdapter
 from lcaam_patch.cli import main
-from lcaam_patch import LauncherError
+from lcaam_patch.cli import run as launcher
 
 PACKAGE = "fake_upstream_for_launcher"
 PRESET = "fake_launcher"
@@ -83,9 +83,7 @@ class FakeAdapter(MultiheadAttentionAdapter):
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         return type(root).__module__ == f"{PACKAGE}.model" and super().claims(module, path, root)
 
-    def builder_options(
-        self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {"max_tokens": args[0]["width"] + 1}
 
 
@@ -127,9 +125,7 @@ def test_run_patches_the_built_model_before_the_script_builds_its_optimizer(
     assert setup.build_model is sys.modules[f"{PACKAGE}.model"].build_model  # unwrapped again
 
 
-def test_cli_run_passes_options_and_the_script_arguments(
-    fake_upstream: Path, tmp_path: Path
-) -> None:
+def test_cli_run_passes_options_and_the_script_arguments(fake_upstream: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     argv = ["run", "--preset", PRESET, "--max-tokens", "9", "--", str(fake_upstream), str(out), "4"]
     assert main(argv) == 0
@@ -138,18 +134,14 @@ def test_cli_run_passes_options_and_the_script_arguments(
     assert (seen["depth"], seen["max_kv_tokens"]) == (2, 9)
 
 
-def test_a_second_run_in_the_same_process_patches_again(
-    fake_upstream: Path, tmp_path: Path
-) -> None:
+def test_a_second_run_in_the_same_process_patches_again(fake_upstream: Path, tmp_path: Path) -> None:
     for width in (4, 8):
         out = tmp_path / f"out{width}.json"
         launcher.run(fake_upstream, [str(out), str(width)], preset=PRESET)
         assert json.loads(out.read_text())["max_kv_tokens"] == width + 1
 
 
-def test_a_script_that_never_builds_the_model_is_an_error(
-    fake_upstream: Path, tmp_path: Path
-) -> None:
+def test_a_script_that_never_builds_the_model_is_an_error(fake_upstream: Path, tmp_path: Path) -> None:
     script = tmp_path / "other.py"
     script.write_text("print('no model here')\n")
     with pytest.raises(LauncherError, match=r"finished without calling .*setup:build_model"):

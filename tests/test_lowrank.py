@@ -142,7 +142,11 @@ def test_global_mode_and_state_dict_round_trip():
     reference.load_state_dict(model.state_dict())
     images = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
-    owners = [s.path for _, m, s in lcaam_patch.patched_sites(model) if isinstance(getattr(m, "lcaam", None), LowRankGenerator)]
+    owners = [
+        s.path
+        for _, m, s in lcaam_patch.patched_sites(model)
+        if isinstance(getattr(m, "lcaam", None), LowRankGenerator)
+    ]
     assert owners == ["blocks.0.attn"]
     assert "auto→lowrank_sdpa" in str(lcaam_patch.summary(model)).splitlines()[3]
 

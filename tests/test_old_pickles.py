@@ -18,9 +18,7 @@ def _fresh(name: str) -> nn.Module:
     if name == "transformer_encoder":
         layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
         return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-    return VisionTransformer(
-        img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4
-    )
+    return VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4)
 
 
 @pytest.mark.parametrize("name", ["vit_multilayer", "vit_global", "vit_lowrank", "transformer_encoder"])

@@ -62,9 +62,7 @@ class SyntheticData:
     eval_qids: tuple[int, ...]
 
 
-def write_dataset(
-    root: Path, *, n_train: int = 32, n_val: int = 12, seed: int = 0
-) -> SyntheticData:
+def write_dataset(root: Path, *, n_train: int = 32, n_val: int = 12, seed: int = 0) -> SyntheticData:
     """Write a tiny learnable data set in QVHighlights format under `root`.
 
     Annotations are jsonl (`qid`, `query`, `duration`, `vid`, `relevant_windows`,
@@ -85,17 +83,13 @@ def write_dataset(
     buckets = list(LENGTH_BUCKETS.values())
 
     def record(qid: int, bucket: tuple[int, int]) -> dict[str, Any]:
-        window_length = CLIP_LENGTH * choose.randint(
-            bucket[0] // CLIP_LENGTH, bucket[1] // CLIP_LENGTH
-        )
+        window_length = CLIP_LENGTH * choose.randint(bucket[0] // CLIP_LENGTH, bucket[1] // CLIP_LENGTH)
         duration = CLIP_LENGTH * choose.randint(max(window_length // CLIP_LENGTH + 4, 20), 50)
         start = CLIP_LENGTH * choose.randint(0, (duration - window_length) // CLIP_LENGTH)
         clip_ids = list(range(start // CLIP_LENGTH, (start + window_length) // CLIP_LENGTH))
         scores = [[4, 4, 4]] + [[choose.randint(1, 4) for _ in range(3)] for _ in clip_ids[1:]]
         topic = rng.standard_normal(T_FEAT_DIM).astype(np.float32)
-        tokens = topic + 0.3 * rng.standard_normal((choose.randint(3, 12), T_FEAT_DIM)).astype(
-            np.float32
-        )
+        tokens = topic + 0.3 * rng.standard_normal((choose.randint(3, 12), T_FEAT_DIM)).astype(np.float32)
         clips = rng.standard_normal((duration // CLIP_LENGTH, V_FEAT_DIM)).astype(np.float32)
         clips[clip_ids] += 2.0 * topic @ projection
         vid = f"synthetic{qid:04d}_0.0_{float(duration)}"
@@ -119,9 +113,7 @@ def write_dataset(
     return SyntheticData(paths[0], paths[1], v_dir, t_dir, tuple(r["qid"] for r in val))
 
 
-def train_arguments(
-    data: SyntheticData, results_root: Path, *, n_epoch: int, extra: tuple[str, ...] = ()
-) -> list[str]:
+def train_arguments(data: SyntheticData, results_root: Path, *, n_epoch: int, extra: tuple[str, ...] = ()) -> list[str]:
     """Arguments of upstream's `qd_detr/train.py` for a tiny CPU run on `data`."""
     return [
         "--dset_name", "hl",

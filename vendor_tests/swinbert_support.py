@@ -112,9 +112,7 @@ class _Stub:
 
 
 @contextlib.contextmanager
-def _scale_loss(
-    loss: torch.Tensor, optimizer: Any, delay_unscale: bool = False
-) -> Iterator[torch.Tensor]:
+def _scale_loss(loss: torch.Tensor, optimizer: Any, delay_unscale: bool = False) -> Iterator[torch.Tensor]:
     yield loss
 
 
@@ -260,9 +258,7 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, nn.Module, nn.Module]:
         patch_norm=True,
     )
     swin = myVideoSwin(args=args, cfg=None, backbone=backbone)
-    config = BertConfig.from_pretrained(
-        str(BERT_FILES), num_labels=2, finetuning_task="image_captioning"
-    )
+    config = BertConfig.from_pretrained(str(BERT_FILES), num_labels=2, finetuning_task="image_captioning")
     config.img_feature_type = "frcnn"
     config.hidden_dropout_prob = args.drop_out
     config.loss_type = "classification"
@@ -318,10 +314,7 @@ def train_batch(tokens: Any, clips: torch.Tensor, *, seed: int) -> dict[str, tor
     """A training batch from upstream's tensorizer: the inputs dict its `train()` builds."""
     tensorizer = _tensorizer(tokens, is_train=True)
     torch.manual_seed(seed)
-    examples = [
-        tensorizer.tensorize_example_e2e(CAPTIONS[i % len(CAPTIONS)], clip)
-        for i, clip in enumerate(clips)
-    ]
+    examples = [tensorizer.tensorize_example_e2e(CAPTIONS[i % len(CAPTIONS)], clip) for i, clip in enumerate(clips)]
     batch = [torch.stack(column) for column in zip(*examples)]
     names = (
         "input_ids",
@@ -334,9 +327,7 @@ def train_batch(tokens: Any, clips: torch.Tensor, *, seed: int) -> dict[str, tor
     return dict(zip(names, batch))
 
 
-def train_loader(
-    tokens: Any, *, steps: int, batch_size: int
-) -> list[tuple[list[str], tuple[torch.Tensor, ...], dict]]:
+def train_loader(tokens: Any, *, steps: int, batch_size: int) -> list[tuple[list[str], tuple[torch.Tensor, ...], dict]]:
     """What upstream's train loader yields, (img_keys, batch, meta_data), for `steps` steps."""
     loader = []
     for step in range(steps):
@@ -437,9 +428,7 @@ def training_script(*names: str) -> dict[str, Any]:
             kept.append(node)
     missing = set(names) - {n.name for n in kept if isinstance(n, ast.FunctionDef)}
     if missing:
-        raise LookupError(
-            f"{TRAIN_SCRIPT} defines no {sorted(missing)}; check out the pinned commit"
-        )
+        raise LookupError(f"{TRAIN_SCRIPT} defines no {sorted(missing)}; check out the pinned commit")
     namespace: dict[str, Any] = {
         "__name__": "run_caption_VidSwinBert",
         "__file__": str(TRAIN_SCRIPT),

@@ -91,7 +91,7 @@ def test_presets_patch_the_sites_they_name(build, preset, expected):
             bounds[kind],
             "self",
         )
-        assert len(lcaam_patch.injector.generator_of(model.get_submodule(path)).layers) == depth
+        assert len(lcaam_patch.site.generator_of(model.get_submodule(path)).layers) == depth
 
 
 def test_without_a_preset_every_attention_is_patched_with_bounds_read_off_the_model(build):
@@ -174,9 +174,7 @@ def test_llama_attention_without_a_mask_is_refused(build):
         model.llama.layers[0].attention.forward(x, 0, freqs, None)
 
 
-def _generate_logits(
-    model: nn.Module, tokens: torch.Tensor, images: torch.Tensor, prefix: int
-) -> list[torch.Tensor]:
+def _generate_logits(model: nn.Module, tokens: torch.Tensor, images: torch.Tensor, prefix: int) -> list[torch.Tensor]:
     """Upstream's `forward_inference` as `generate` calls it: the prompt, then one token at a time."""
     visual_query = model.forward_visual(images)
     logits = [model.forward_inference(visual_query, tokens[:, :prefix], 0)]
@@ -194,9 +192,7 @@ def test_kv_cache_generation_with_lcaam(build, options):
     identity = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, **options).eval()
     for got, expected in zip(_generate_logits(identity, tokens, images, prefix=8), reference):
         torch.testing.assert_close(got, expected)
-    trained = lcaam_patch.apply(
-        copy.deepcopy(model), targets=support.ALL_TARGETS, init="default", **options
-    ).eval()
+    trained = lcaam_patch.apply(copy.deepcopy(model), targets=support.ALL_TARGETS, init="default", **options).eval()
     step_by_step = _generate_logits(trained, tokens, images, prefix=8)[-1]
     whole = trained.forward_inference(trained.forward_visual(images), tokens, 0)
     torch.testing.assert_close(step_by_step, whole)
@@ -208,11 +204,7 @@ def test_kv_cache_generation_with_lcaam(build, options):
 def _upstream_substrings(model: nn.Module) -> set[str]:
     """The string constants of upstream's `get_trainable_params`: the substrings it freezes by."""
     tree = ast.parse(inspect.getsource(type(model).get_trainable_params).strip())
-    return {
-        node.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str)
-    }
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
@@ -275,9 +267,7 @@ def test_upstream_training_trains_lcaam_and_its_checkpoints_keep_it(build, tmp_p
     assert torch.isfinite(torch.tensor(stats["closs"]))
     unchanged = [name for name, p in lcaam.items() if torch.equal(p.detach(), before[name])]
     assert unchanged == []
-    misc.save_model(
-        args=args, epoch=0, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=scaler
-    )
+    misc.save_model(args=args, epoch=0, model=model, model_without_ddp=model, optimizer=optimizer, loss_scaler=scaler)
     fresh = lcaam_patch.apply(build(phase, seed=1), preset="llama_adapter", targets=support.ALL_TARGETS)
     misc.load_model(fresh, str(tmp_path / "out" / "checkpoint-0.pth"))
     for name, parameter in support.lcaam_parameters(fresh).items():
@@ -288,9 +278,7 @@ def test_adapter_export_with_lcaam_keys_loads_as_llama_load_does(build, tmp_path
     model = lcaam_patch.apply(build("finetune"), targets=support.ALL_TARGETS, init="default")
     state = model.state_dict()
     upstream_keys = [
-        name
-        for name, p in model.named_parameters()
-        if p.requires_grad and name not in support.lcaam_parameters(model)
+        name for name, p in model.named_parameters() if p.requires_grad and name not in support.lcaam_parameters(model)
     ]
     small = {key: state[key] for key in upstream_keys}
     small.update(lcaam_patch.lcaam_state_dict(model))
@@ -337,8 +325,7 @@ def test_the_patch_applies_at_the_pin_right_after_the_model_is_built(tmp_path):
         lines = (tmp_path / script).read_text().splitlines()
         built = next(i for i, line in enumerate(lines) if "= LLaMA_adapter(" in line)
         assert (
-            lines[built + 1].strip()
-            == 'import lcaam_patch; model = lcaam_patch.apply(model, preset="llama_adapter")'
+            lines[built + 1].strip() == 'import lcaam_patch; model = lcaam_patch.apply(model, preset="llama_adapter")'
         )
         later = [
             next(i for i, line in enumerate(lines) if needle in line)
@@ -349,9 +336,7 @@ def test_the_patch_applies_at_the_pin_right_after_the_model_is_built(tmp_path):
             "the launcher wraps llama.llama_adapter:LLaMA_adapter"
         )
     if (support.SUBMODULE / ".git").exists():
-        subprocess.run(
-            [git, "apply", "--check", "--cached", str(support.PATCH)], cwd=support.SUBMODULE, check=True
-        )
+        subprocess.run([git, "apply", "--check", "--cached", str(support.PATCH)], cwd=support.SUBMODULE, check=True)
 
 
 def test_launcher_patches_the_model_of_upstreams_pretraining_steps(tmp_path):
@@ -371,9 +356,7 @@ def test_launcher_patches_the_model_of_upstreams_pretraining_steps(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (
-        "lcaam-patch: patched 2 attention modules of LLaMA_adapter (preset 'llama_adapter')" in result.stderr
-    )
+    assert "lcaam-patch: patched 2 attention modules of LLaMA_adapter (preset 'llama_adapter')" in result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["patched_at_build"] == VISUAL
     assert len(report["lcaam_parameters"]) == 2 * 16 * 2

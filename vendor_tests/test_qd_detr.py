@@ -38,7 +38,7 @@ from qd_detr_support import (
 from torch import nn
 
 import lcaam_patch
-from lcaam_patch.state import is_lcaam_key
+from lcaam_patch import is_lcaam_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not submodule_present(), reason=SKIP_MESSAGE)]
 
@@ -65,8 +65,7 @@ def upstream() -> None:
     missing = missing_dependencies()
     if missing:
         pytest.skip(
-            f"QD-DETR's training dependencies are missing ({', '.join(missing)}): "
-            f'pip install -e ".[test,qd_detr]"'
+            f'QD-DETR\'s training dependencies are missing ({", ".join(missing)}): pip install -e ".[test,qd_detr]"'
         )
 
 
@@ -150,9 +149,7 @@ def test_launcher_patches_the_model_before_upstream_resumes_an_unpatched_checkpo
     output = training_run.output
     print(f"upstream train.py through the launcher: {training_run.wall_s:.1f} s")
     # train.py builds the model twice: for training, and to evaluate its best checkpoint
-    assert (
-        output.count("lcaam-patch: patched 4 attention modules of QDDETR (preset 'qd_detr')") == 2
-    )
+    assert output.count("lcaam-patch: patched 4 attention modules of QDDETR (preset 'qd_detr')") == 2
     assert f"Load checkpoint from {training_run.unpatched_checkpoint}" in output
     assert "Loaded model saved at epoch 0" in output
 
@@ -185,9 +182,7 @@ def test_best_checkpoint_holds_lcaam_weights_and_reloads_strictly(
     saved = {key for key in checkpoint["model"] if is_lcaam_key(key)}
     assert saved == set(lcaam_patch.lcaam_state_dict(model))
     assert {key.split(".lcaam.")[0] for key in saved} == {
-        f"transformer.{stack}.layers.{i}.self_attn"
-        for stack in ("t2v_encoder", "encoder")
-        for i in (0, 1)
+        f"transformer.{stack}.layers.{i}.self_attn" for stack in ("t2v_encoder", "encoder") for i in (0, 1)
     }
     model.load_state_dict(checkpoint["model"], strict=True)
 
@@ -215,9 +210,7 @@ def test_upstream_inference_script_evaluates_the_patched_checkpoint(
 
 def test_lcaam_parameters_were_in_the_optimizer_and_trained(training_run: TrainingRun) -> None:
     checkpoint = load_checkpoint(training_run.results_dir / "model_best.ckpt")
-    names = [
-        name for name, p in patched_model(training_run.opt).named_parameters() if p.requires_grad
-    ]
+    names = [name for name, p in patched_model(training_run.opt).named_parameters() if p.requires_grad]
     (group,) = checkpoint["optimizer"]["param_groups"]
     assert len(group["params"]) == len(names)
     state = checkpoint["optimizer"]["state"]
@@ -229,9 +222,7 @@ def test_lcaam_parameters_were_in_the_optimizer_and_trained(training_run: Traini
         assert state[index]["exp_avg"].abs().sum() > 0, f"{name} never got a gradient"
     for name, value in weights.items():
         if is_lcaam_key(name) and f"layers.{GENERATOR['depth'] - 1}." in name.split(".lcaam.")[1]:
-            identity = (
-                torch.zeros_like(value) if name.endswith("weight") else torch.ones_like(value)
-            )
+            identity = torch.zeros_like(value) if name.endswith("weight") else torch.ones_like(value)
             assert not torch.equal(value, identity), f"{name} is still at its identity init"
 
 
@@ -259,9 +250,7 @@ def test_identity_init_computes_what_upstream_computes(upstream: None, tmp_path:
         model = build_upstream_model(opt).eval()
         patched = lcaam_patch.apply(copy.deepcopy(model), preset="qd_detr")
     assert [path for path, _, _ in lcaam_patch.patched_sites(patched)] == [
-        f"transformer.{stack}.layers.{i}.self_attn"
-        for stack in ("t2v_encoder", "encoder")
-        for i in (0, 1)
+        f"transformer.{stack}.layers.{i}.self_attn" for stack in ("t2v_encoder", "encoder") for i in (0, 1)
     ]
     inputs = synthetic_batch([(37, 5), (20, 11), (28, 3)], opt)
     with cpu_shims(), torch.no_grad():
@@ -288,22 +277,16 @@ def test_t2v_attn_mask_rows_are_read_as_pytorch_reads_them(upstream: None, tmp_p
     pair_pad = query_pad.unsqueeze(2) & key_pad.unsqueeze(1)
     q, kv = torch.randn(lv, batch, attention.embed_dim), torch.randn(lt, batch, attention.embed_dim)
     with torch.no_grad():
-        upstream_rows = attention(
-            q, kv, kv, attn_mask=pair_pad.repeat(heads, 1, 1), key_padding_mask=key_pad
-        )[0]
-        intended_rows = attention(
-            q, kv, kv, attn_mask=pair_pad.repeat_interleave(heads, 0), key_padding_mask=key_pad
-        )[0]
-        patched_rows = patched(
-            q, kv, kv, attn_mask=pair_pad.repeat(heads, 1, 1), key_padding_mask=key_pad
-        )[0]
+        upstream_rows = attention(q, kv, kv, attn_mask=pair_pad.repeat(heads, 1, 1), key_padding_mask=key_pad)[0]
+        intended_rows = attention(q, kv, kv, attn_mask=pair_pad.repeat_interleave(heads, 0), key_padding_mask=key_pad)[
+            0
+        ]
+        patched_rows = patched(q, kv, kv, attn_mask=pair_pad.repeat(heads, 1, 1), key_padding_mask=key_pad)[0]
     assert not torch.allclose(upstream_rows, intended_rows, atol=1e-3)
     torch.testing.assert_close(patched_rows, upstream_rows, atol=1e-5, rtol=1e-5)
 
 
-def test_one_line_patch_applies_at_the_pin_and_patches_setup_model(
-    upstream: None, tmp_path: Path
-) -> None:
+def test_one_line_patch_applies_at_the_pin_and_patches_setup_model(upstream: None, tmp_path: Path) -> None:
     """The one-line alternative: upstream's `setup_model` patches the model itself, before
     its optimizer and its strict load of an unpatched checkpoint."""
     if shutil.which("git") is None:
@@ -317,9 +300,7 @@ def test_one_line_patch_applies_at_the_pin_and_patches_setup_model(
     )
     assert check.returncode == 0, check.stderr
     copy_root = tmp_path / "QD-DETR"
-    shutil.copytree(
-        QD_DETR_ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "results", "run_on_video")
-    )
+    shutil.copytree(QD_DETR_ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "results", "run_on_video"))
     subprocess.run(["git", "apply", str(ONE_LINE_PATCH)], cwd=copy_root, check=True)
     data = write_dataset(tmp_path / "data", n_train=1, n_val=1)
     arguments = train_arguments(data, tmp_path / "results", n_epoch=1)
@@ -328,9 +309,7 @@ def test_one_line_patch_applies_at_the_pin_and_patches_setup_model(
 
         opt = upstream_options(arguments)
         checkpoint = tmp_path / "unpatched.ckpt"
-        torch.save(
-            {"model": build_upstream_model(opt).state_dict(), "epoch": 0, "opt": opt}, checkpoint
-        )
+        torch.save({"model": build_upstream_model(opt).state_dict(), "epoch": 0, "opt": opt}, checkpoint)
         opt.resume = str(checkpoint)
         model, _, optimizer, _ = setup_model(opt)
     assert len(lcaam_patch.patched_sites(model)) == 4

@@ -22,11 +22,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
-import lcaam_patch
-from lcaam_patch.state import is_lcaam_key
-
 from swinbert_support import (
     MAX_SEQ_LENGTH,
     PATCH,
@@ -47,6 +42,10 @@ from swinbert_support import (
     upstream,
     videos,
 )
+from torch import nn
+
+import lcaam_patch
+from lcaam_patch import is_lcaam_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not submodule_present(), reason=SKIP_MESSAGE)]
 
@@ -69,10 +68,7 @@ def up() -> Iterator[Any]:
     """SwinBERT's modules, imported under the test-only stubs (undone after the module)."""
     missing = missing_dependencies()
     if missing:
-        pytest.skip(
-            f"SwinBERT's dependencies are missing ({', '.join(missing)}): "
-            f'pip install -e ".[test,swinbert]"'
-        )
+        pytest.skip(f'SwinBERT\'s dependencies are missing ({", ".join(missing)}): pip install -e ".[test,swinbert]"')
     with upstream() as namespace:
         yield namespace
 
@@ -287,7 +283,9 @@ def test_decoding_carries_each_samples_mask_to_its_beams(up: Any, tokens: Any, t
     outputs: list[tuple[torch.Tensor, ...]] = []
     try:
         with torch.no_grad():
-            steps = video_block(model, lambda: outputs.append(model(**decode_inputs(tokens, videos(2, seed=4), num_beams=beams))))
+            steps = video_block(
+                model, lambda: outputs.append(model(**decode_inputs(tokens, videos(2, seed=4), num_beams=beams)))
+            )
     finally:
         handle.remove()
     captions, logprobs, sparsity = outputs[0]

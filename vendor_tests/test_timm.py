@@ -53,9 +53,7 @@ def _modules_reaching(classes: tuple[type[nn.Module], ...]) -> set[str]:
     while changed:
         changed = False
         for name, module in modules.items():
-            if name not in reaching and any(
-                carries(value, reaching) for value in list(vars(module).values())
-            ):
+            if name not in reaching and any(carries(value, reaching) for value in list(vars(module).values())):
                 reaching.add(name)
                 changed = True
     return reaching

@@ -55,9 +55,7 @@ class Adapter(abc.ABC):
         return type(module) in self.attention_types()
 
     @abc.abstractmethod
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry | None:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry | None:
         """Validate `module` and read its widths and token bounds.
 
         Raises `UnsupportedModuleError` for options it cannot honour and
@@ -70,9 +68,7 @@ class Adapter(abc.ABC):
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The patched forward: the upstream's computation with `site.attend` inside."""
 
-    def builder_options(
-        self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Options of `apply` read off the arguments of a wrapped builder (see `builders`).
 
         The launcher passes them under the user's own options; the default reads none.

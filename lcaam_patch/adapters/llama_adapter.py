@@ -45,7 +45,6 @@ from ..config import LCAAMConfig
 from ..errors import UnsupportedModuleError
 from ..site import LCAAMSite, SiteGeometry, generator_of
 from .base import Adapter
-
 from .timm import TimmAdapter
 from .torch_mha import MultiheadAttentionAdapter
 
@@ -102,7 +101,7 @@ class LLaMAAdapterAdapter(Adapter):
         """timm `Attention`, `nn.MultiheadAttention` and LLaMA's `Attention`, where imported."""
         llama_attention = _llama_attention_type()
         extra = (llama_attention,) if llama_attention is not None else ()
-        return _TIMM.attention_types() + (nn.MultiheadAttention,) + extra
+        return (*_TIMM.attention_types(), nn.MultiheadAttention, *extra)
 
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """The visual-block, CLIP and LLaMA attentions of a `LLaMA_adapter` root."""
@@ -154,9 +153,7 @@ class LLaMAAdapterAdapter(Adapter):
             generator.register_forward_pre_hook(cast_to_generator_dtype)
         current = vars(root).get(FREEZER)
         if hasattr(root, FREEZER) and not _is_freezer_wrap(current):
-            original = (
-                current if current is not None else functools.partial(getattr(type(root), FREEZER), root)
-            )
+            original = current if current is not None else functools.partial(getattr(type(root), FREEZER), root)
             setattr(root, FREEZER, functools.partial(freeze_then_keep_lcaam_trainable, root, original))
             state.root, state.previous_freezer = root, current
         return state
@@ -249,9 +246,7 @@ def _llama_attention_forward(
     heads, head_dim = module.n_local_heads, module.head_dim
     q, k, v = _with_lora(module, x, "q"), _with_lora(module, x, "k"), _with_lora(module, x, "v")
     rotary = sys.modules[type(module).__module__].apply_rotary_emb
-    q, k = rotary(
-        q.view(bsz, seqlen, heads, head_dim), k.view(bsz, seqlen, heads, head_dim), freqs_cis=freqs_cis
-    )
+    q, k = rotary(q.view(bsz, seqlen, heads, head_dim), k.view(bsz, seqlen, heads, head_dim), freqs_cis=freqs_cis)
     v = v.view(bsz, seqlen, heads, head_dim)
     key_tokens = None
     if not module.training:

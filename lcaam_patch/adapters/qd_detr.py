@@ -42,7 +42,6 @@ from torch import nn
 from ..config import LCAAMConfig
 from ..errors import UnsupportedModuleError
 from ..site import SiteGeometry
-
 from .torch_mha import MultiheadAttentionAdapter
 
 MODEL_MODULE = "qd_detr.model"
@@ -67,9 +66,7 @@ class QDDETRAdapter(MultiheadAttentionAdapter):
             and _SITE_PATH.fullmatch(path) is not None
         )
 
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
         """T2V: clips × text tokens (cross); encoder: (1 + clips) × (1 + clips) (self)."""
         max_v_l = config.max_tokens or _model_bound(root, "max_v_l", path)
         max_q_l = config.max_kv_tokens or _text_bound(root, path)
@@ -82,9 +79,7 @@ class QDDETRAdapter(MultiheadAttentionAdapter):
         bounded = dataclasses.replace(config, max_tokens=max_q, max_kv_tokens=max_kv)
         return dataclasses.replace(super().geometry(module, path, root, bounded), kind=kind)
 
-    def builder_options(
-        self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """`build_model(opt)`: the bounds are `opt.max_v_l` and `opt.max_q_l`."""
         opt = args[0] if args else kwargs.get("args")
         if not isinstance(opt, argparse.Namespace):

@@ -33,9 +33,7 @@ def register_adapter(adapter: Adapter, *, replace: bool = False) -> Adapter:
     if not isinstance(adapter.name, str) or not adapter.name:
         raise RegistrationError(f"{type(adapter).__name__} has no name; set the class attribute `name`")
     if adapter.name in _ADAPTERS and not replace and _ADAPTERS[adapter.name] is not adapter:
-        raise RegistrationError(
-            f"an adapter named {adapter.name!r} is already registered; pass replace=True"
-        )
+        raise RegistrationError(f"an adapter named {adapter.name!r} is already registered; pass replace=True")
     _ADAPTERS[adapter.name] = adapter
     return adapter
 
@@ -55,9 +53,7 @@ def get_adapter(name: str) -> Adapter:
     """The adapter called `name`."""
     adapters = registered_adapters()
     if name not in adapters:
-        raise UnknownAdapterError(
-            f"no adapter named {name!r}; registered adapters: {sorted(adapters)}"
-        )
+        raise UnknownAdapterError(f"no adapter named {name!r}; registered adapters: {sorted(adapters)}")
     return adapters[name]
 
 

@@ -57,13 +57,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backends import AttentionCall, masking
 from ..config import LCAAMConfig
 from ..errors import (
     InvalidOptionError,
     SequenceTooLongError,
     UnsupportedModuleError,
 )
-from ..backends import AttentionCall, masking
 from ..site import LCAAMSite, SiteGeometry
 from .base import Adapter
 
@@ -129,9 +129,7 @@ class SwinBERTAdapter(Adapter):
             return bool(getattr(module, "learn_mask_enabled", False))
         return kind is _bert_self_attention_type() and _enclosing_model(path, root) is not None
 
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry | None:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry | None:
         """Video site: M×M over the video tokens. BERT sites (multilayer only): (T + M)²."""
         if config.generator != "mlp":
             raise UnsupportedModuleError(
@@ -172,9 +170,7 @@ class SwinBERTAdapter(Adapter):
             )
         return SiteGeometry(module.fc.out_features, video, video, "self")
 
-    def builder_options(
-        self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """`VideoTransformer(args, ...)`: the text bound is the longest of training and decoding."""
         options = args[0] if args else kwargs.get("args")
         lengths = [getattr(options, name, None) for name in ("max_seq_length", "max_gen_length")]
@@ -231,7 +227,7 @@ def _video_forward(module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any
     replaced = module.learn_vid_att.weight
     if replaced.requires_grad and torch.is_grad_enabled():
         loss_sparsity = loss_sparsity + 0.0 * replaced.sum()
-    return outputs + (loss_sparsity,)
+    return (*outputs, loss_sparsity)
 
 
 def _bert_forward(

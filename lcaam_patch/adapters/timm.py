@@ -59,9 +59,7 @@ class TimmAdapter(Adapter):
         """timm attention classes among the timm modules already imported."""
         return _imported(_PLAIN) + _imported(_ROPE)
 
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
         """Width from the q/qkv projection; token bound from the patch grid and prefix tokens."""
         projection = module.qkv if getattr(module, "qkv", None) is not None else module.q_proj
         max_tokens = config.max_tokens or _tokens_from_patch_grid(root)
@@ -127,7 +125,7 @@ def _tokens_from_patch_grid(root: nn.Module) -> int | None:
 
 
 def _project_qkv(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, N, C = x.shape
+    B, N, _C = x.shape
     heads = module.num_heads
     if getattr(module, "qkv", None) is None:
         kv_heads = getattr(module, "num_kv_heads", heads)

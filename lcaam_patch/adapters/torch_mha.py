@@ -33,9 +33,7 @@ class MultiheadAttentionAdapter(Adapter):
         """`nn.MultiheadAttention` only (subclasses may change its forward)."""
         return (nn.MultiheadAttention,)
 
-    def geometry(
-        self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig
-    ) -> SiteGeometry:
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
         """Reject add_zero_attn/add_bias_kv; bounds come from max_tokens/max_kv_tokens.
 
         generator="lowrank" needs no bound; it reads the key tokens (width `kdim`).

@@ -26,8 +26,8 @@ for _name, _backend, _priority in BUILTIN_BACKENDS:
     register_backend(_name, _backend, _priority)
 
 __all__ = [
-    "NEUTRAL",
     "BUILTIN_BACKENDS",
+    "NEUTRAL",
     "AttentionBackend",
     "AttentionCall",
     "AttentionResult",

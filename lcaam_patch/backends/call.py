@@ -61,7 +61,7 @@ class AttentionCall:
 
     @property
     def device_type(self) -> str:
-        """"cpu", "cuda", ...: where the call runs."""
+        """ "cpu", "cuda", ...: where the call runs."""
         return self.q.device.type
 
     @property
@@ -86,7 +86,7 @@ class AttentionCall:
 
     @property
     def upstream_mask_kind(self) -> str:
-        """"none", "bool" or "float"."""
+        """ "none", "bool" or "float"."""
         if self.attn_mask is None:
             return "none"
         return "bool" if self.attn_mask.dtype == torch.bool else "float"

@@ -109,8 +109,16 @@ def lcaam_attention(
     A named `backend` computes the call or raises `BackendUnavailableError`.
     """
     call = AttentionCall(
-        q, k, v, mask, fusion=fusion, scale=scale, attn_mask=attn_mask, is_causal=is_causal,
-        dropout_p=dropout_p, need_weights=need_weights,
+        q,
+        k,
+        v,
+        mask,
+        fusion=fusion,
+        scale=scale,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        need_weights=need_weights,
     )
     result = run(call, backend)
     return result.output, result.weights

@@ -32,7 +32,9 @@ def _score_mod(
     """score ↦ (score ◇ M[b, i, j]) + bias[b, h, i, j], -inf where hard-masked."""
     mul = fusion == "mul"
 
-    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    def score_mod(
+        score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+    ) -> torch.Tensor:
         m = mask[b, i, j]
         z = score * m if mul else score + m
         if bias is not None:

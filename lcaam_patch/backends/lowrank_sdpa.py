@@ -60,7 +60,12 @@ class LowRankSDPABackend:
         only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
         attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
         out = F.scaled_dot_product_attention(
-            q_wide, k_wide, v, attn_mask=attn_mask, dropout_p=call.dropout_p, is_causal=only_causal,
+            q_wide,
+            k_wide,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=call.dropout_p,
+            is_causal=only_causal,
             scale=call.scale,
         )[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None

@@ -14,17 +14,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lcaam-patch` console script."""
     parser = argparse.ArgumentParser(prog="lcaam-patch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="train a small timm ViT on scikit-learn's digits, unpatched and patched"
-    )
-    demo.add_argument(
-        "--epochs", type=int, default=30, help="training epochs per run (30: about a minute)"
-    )
+    demo = commands.add_parser("demo", help="train a small timm ViT on scikit-learn's digits, unpatched and patched")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs per run (30: about a minute)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    demo.add_argument(
-        "--plot-dir", default="lcaam-demo-output", help="where the learned-mask heatmaps go"
-    )
+    demo.add_argument("--plot-dir", default="lcaam-demo-output", help="where the learned-mask heatmaps go")
     demo.set_defaults(handler=_run_demo)
     add_inspect_parser(commands)
     add_run_parser(commands)

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lcaam_patch
+
 from ..errors import InvalidOptionError
 
 BATCH_SIZE = 64
@@ -155,9 +156,7 @@ def _train(
     with contextlib.ExitStack() as stack:
         runs = []
         for position, (name, model) in enumerate(models.items()):
-            optimizer = torch.optim.AdamW(
-                model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
-            )
+            optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
             bar = stack.enter_context(tqdm(total=total, desc=name, unit="step", position=position))
             runs.append((name, model.train(), optimizer, schedule, bar))

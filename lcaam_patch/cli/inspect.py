@@ -106,11 +106,20 @@ def _write_plots(model: nn.Module, x: torch.Tensor, directory: Path) -> list[Pat
         mask = seen.masks[path][0]
         groups = token_groups(model, mask.shape[-1])
         name = path.replace(".", "_")
-        written.append(save_figure(mask_heatmap(mask, groups=groups, title=f"{path}: M"), directory / f"mask_{index:02d}_{name}.png"))
+        written.append(
+            save_figure(
+                mask_heatmap(mask, groups=groups, title=f"{path}: M"), directory / f"mask_{index:02d}_{name}.png"
+            )
+        )
     middle = paths[len(paths) // 2]
     mask = seen.masks[middle][0]
     rows = sorted({0, mask.shape[-2] // 2, mask.shape[-2] - 1})
-    written.append(save_figure(token_rows(mask, rows, groups=token_groups(model, mask.shape[-1]), title=f"{middle}: rows of M"), directory / "mask_rows.png"))
+    written.append(
+        save_figure(
+            token_rows(mask, rows, groups=token_groups(model, mask.shape[-1]), title=f"{middle}: rows of M"),
+            directory / "mask_rows.png",
+        )
+    )
     layers = sorted({paths[0], middle, paths[-1]}, key=paths.index)
     histograms = attention_histograms(
         {p: seen.attention[p][0] for p in layers}, {p: plain.attention[p][0] for p in layers}, layers=layers

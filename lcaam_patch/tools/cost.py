@@ -46,8 +46,20 @@ class CostTable:
 
         rows = [
             ("", "params", "GFLOPs", "GMACs", "latency ms"),
-            (base.name, f"{base.params:,}", f"{base.flops / 1e9:.4f}", f"{base.macs / 1e9:.4f}", f"{base.latency_ms:.2f}"),
-            (lcaam.name, f"{lcaam.params:,}", f"{lcaam.flops / 1e9:.4f}", f"{lcaam.macs / 1e9:.4f}", f"{lcaam.latency_ms:.2f}"),
+            (
+                base.name,
+                f"{base.params:,}",
+                f"{base.flops / 1e9:.4f}",
+                f"{base.macs / 1e9:.4f}",
+                f"{base.latency_ms:.2f}",
+            ),
+            (
+                lcaam.name,
+                f"{lcaam.params:,}",
+                f"{lcaam.flops / 1e9:.4f}",
+                f"{lcaam.macs / 1e9:.4f}",
+                f"{lcaam.latency_ms:.2f}",
+            ),
             (
                 "ratio",
                 ratio(lcaam.params, base.params),
@@ -89,7 +101,9 @@ def measure(model: nn.Module, example_inputs: Any, *, name: str, repeats: int = 
             start = time.perf_counter()
             model(*args)
             times.append((time.perf_counter() - start) * 1e3)
-    return CostRow(name, sum(p.numel() for p in model.parameters()), counter.get_total_flops(), statistics.median(times))
+    return CostRow(
+        name, sum(p.numel() for p in model.parameters()), counter.get_total_flops(), statistics.median(times)
+    )
 
 
 def cost(model: nn.Module, example_inputs: Any | Sequence[Any], *, repeats: int = 10) -> CostTable:

@@ -102,7 +102,14 @@ def attention_histograms(
         if unpatched is not None and layer in unpatched:
             series.insert(0, ("without LCAAM", unpatched[layer]))
         for label, weights in series:
-            axes.hist(weights.detach().float().flatten().cpu().numpy(), bins=bins, range=(0.0, 1.0), alpha=0.6, label=label, log=True)
+            axes.hist(
+                weights.detach().float().flatten().cpu().numpy(),
+                bins=bins,
+                range=(0.0, 1.0),
+                alpha=0.6,
+                label=label,
+                log=True,
+            )
         axes.set_title(layer, fontsize="small")
         axes.set_xlabel("attention weight")
         if index == 1:

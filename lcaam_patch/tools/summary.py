@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from ..backends import choose
-from ..patching import probe_call, parameter_count, patched_sites, require_patched
+from ..patching import parameter_count, patched_sites, probe_call, require_patched
 from ..site import generator_of
 
 

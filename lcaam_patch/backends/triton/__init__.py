@@ -66,7 +66,13 @@ class TritonBackend:
         m = masking.lcaam_mask(call, upstream, call.dtype).squeeze(-3)
         kernel_mask = upstream.keep if upstream.bias is None else upstream.additive(call.dtype, fold_causal=False)
         out = fused_attention(
-            call.q, call.k, call.v, m, fusion=call.fusion, scale=call.scale, attn_mask=kernel_mask,
+            call.q,
+            call.k,
+            call.v,
+            m,
+            fusion=call.fusion,
+            scale=call.scale,
+            attn_mask=kernel_mask,
             is_causal=call.is_causal,
         )
         return out, None

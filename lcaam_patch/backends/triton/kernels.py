@@ -37,9 +37,7 @@ _SUM = tl.standard._sum_combine
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
 def _tuned(configs: list[triton.Config], key: list[str]) -> Callable[[Any], Any]:
@@ -59,8 +57,25 @@ BWD_Q_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128,
 
 @triton.jit
 def _scores(
-    q, k, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
-    FUSION_MUL: tl.constexpr, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    mm,
+    Bias,
+    b,
+    h,
+    offs_m,
+    offs_n,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    NQ,
+    NK,
+    scale,
+    FUSION_MUL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """(S ◇ M) + B for one (BLOCK_M, BLOCK_N) tile, -inf where masked; also returns S."""
     s = tl.dot(q, k, input_precision=PREC) * scale
@@ -70,14 +85,10 @@ def _scores(
         z = s + mm
     inside = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
     if BIAS_KIND == 1:
-        bias = tl.load(
-            Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0.0
-        )
+        bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0.0)
         z = z + bias.to(tl.float32)
     if BIAS_KIND == 2:
-        keep = tl.load(
-            Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0
-        )
+        keep = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0)
         inside = inside & (keep != 0)
     if CAUSAL:
         inside = inside & (offs_n[None, :] <= offs_m[:, None])
@@ -88,17 +99,51 @@ def _scores(
 @_tuned(FWD_CONFIGS, _KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, M, Bias, O, LSE,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smm, smn,
-    sbb, sbh, sbm, sbn,
-    sob, soh, som, sod,
-    H, NQ, NK, D, DV, scale,
-    FUSION_MUL: tl.constexpr, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    M,
+    Bias,
+    O,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smm,
+    smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    sob,
+    soh,
+    som,
+    sod,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    FUSION_MUL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Output and log-sum-exp of one query block of one head (grid: heads, query blocks, batch)."""
     h = tl.program_id(0)
@@ -110,7 +155,8 @@ def _fwd(
     row_ok = offs_m < NQ
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -125,21 +171,41 @@ def _fwd(
         col_ok = offs_n < NK
         k = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+            mask=col_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
         )
         v = tl.load(
             V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
         )
         mm = tl.load(
             M + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
         ).to(tl.float32)
         if UPCAST:
             k = k.to(tl.float32)
         z, _ = _scores(
-            q, k, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
-            FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
+            q,
+            k,
+            mm,
+            Bias,
+            b,
+            h,
+            offs_m,
+            offs_n,
+            sbb,
+            sbh,
+            sbm,
+            sbn,
+            NQ,
+            NK,
+            scale,
+            FUSION_MUL,
+            BIAS_KIND,
+            CAUSAL,
+            PREC,
         )
         m_new = tl.maximum(m_i, tl.reduce(z, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,7 +224,8 @@ def _fwd(
     lse = tl.where(dead, float("inf"), m_i + tl.log(l_safe))
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
     )
     tl.store(LSE + (b * H + h) * NQ + offs_m, lse, mask=row_ok)
 
@@ -166,19 +233,63 @@ def _fwd(
 @_tuned(BWD_KV_CONFIGS, _KEY)
 @triton.jit
 def _bwd_dkdv_dm(
-    Q, K, V, M, Bias, DO, LSE, DELTA, DK, DV_, DM,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smm, smn,
-    sbb, sbh, sbm, sbn,
-    sdob, sdoh, sdom, sdod,
-    sdkb, sdkh, sdkn, sdkd,
-    sdvb, sdvh, sdvn, sdvd,
-    H, NQ, NK, D, DV, scale,
-    FUSION_MUL: tl.constexpr, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    M,
+    Bias,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV_,
+    DM,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smm,
+    smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    FUSION_MUL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dK, dV of every head for one key block, and dM summed over heads (grid: key blocks, batch)."""
     pid_n = tl.program_id(0)
@@ -193,11 +304,13 @@ def _bwd_dkdv_dm(
     for h in range(H):
         kt = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+            mask=col_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
         )
         v = tl.load(
             V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
         )
         if UPCAST:
             kt = kt.to(tl.float32)
@@ -209,24 +322,43 @@ def _bwd_dkdv_dm(
             row_ok = offs_m < NQ
             q = tl.load(
                 Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+                mask=row_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
             )
             do = tl.load(
                 DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+                mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
             )
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
             tile = row_ok[:, None] & col_ok[None, :]
-            mm = tl.load(
-                M + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=0.0
-            ).to(tl.float32)
+            mm = tl.load(M + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=0.0).to(
+                tl.float32
+            )
             lse = tl.load(LSE + (b * H + h) * NQ + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * NQ + offs_m, mask=row_ok, other=0.0)
             z, s = _scores(
-                q, kt, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
-                FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
+                q,
+                kt,
+                mm,
+                Bias,
+                b,
+                h,
+                offs_m,
+                offs_n,
+                sbb,
+                sbh,
+                sbm,
+                sbn,
+                NQ,
+                NK,
+                scale,
+                FUSION_MUL,
+                BIAS_KIND,
+                CAUSAL,
+                PREC,
             )
             p = tl.exp(z - lse[:, None])
             p_mm = p.to(Q.dtype.element_ty)
@@ -252,29 +384,70 @@ def _bwd_dkdv_dm(
             dk += tl.dot(tl.trans(dt_mm), q, input_precision=PREC)
         tl.store(
             DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-            (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D),
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=col_ok[:, None] & (offs_d[None, :] < D),
         )
         tl.store(
             DV_ + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
-            dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+            dv.to(DV_.dtype.element_ty),
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV),
         )
 
 
 @_tuned(BWD_Q_CONFIGS, _KEY)
 @triton.jit
 def _bwd_dq(
-    Q, K, V, M, Bias, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smm, smn,
-    sbb, sbh, sbm, sbn,
-    sdob, sdoh, sdom, sdod,
-    sdqb, sdqh, sdqm, sdqd,
-    H, NQ, NK, D, DV, scale,
-    FUSION_MUL: tl.constexpr, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    M,
+    Bias,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smm,
+    smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sdqb,
+    sdqh,
+    sdqm,
+    sdqd,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    FUSION_MUL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dQ of one query block of one head (grid: heads, query blocks, batch)."""
     h = tl.program_id(0)
@@ -286,11 +459,13 @@ def _bwd_dq(
     row_ok = offs_m < NQ
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
     )
     do = tl.load(
         DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-        mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -306,22 +481,42 @@ def _bwd_dq(
         col_ok = offs_n < NK
         kt = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+            mask=col_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
         )
         vt = tl.load(
             V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-            mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0,
+            mask=col_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
         )
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
         mm = tl.load(
             M + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
         ).to(tl.float32)
         z, _ = _scores(
-            q, kt, mm, Bias, b, h, offs_m, offs_n, sbb, sbh, sbm, sbn, NQ, NK, scale,
-            FUSION_MUL, BIAS_KIND, CAUSAL, PREC,
+            q,
+            kt,
+            mm,
+            Bias,
+            b,
+            h,
+            offs_m,
+            offs_n,
+            sbb,
+            sbh,
+            sbm,
+            sbn,
+            NQ,
+            NK,
+            scale,
+            FUSION_MUL,
+            BIAS_KIND,
+            CAUSAL,
+            PREC,
         )
         p = tl.exp(z - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PREC)
@@ -336,5 +531,6 @@ def _bwd_dq(
         dq += tl.dot(dt_mm, tl.trans(kt), input_precision=PREC)
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-        (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D),
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
     )

@@ -104,15 +104,34 @@ def fused_attention_fwd(
     lse = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
     options = _launch_options(q, v)
     module = kernels(interpret=q.device.type != "cuda")
+
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return H, -(-NQ // meta["BLOCK_M"]), B
 
     module._fwd[grid](
-        q, k, v, mask, mask if bias is None else bias, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask.stride(),
-        *_bias_strides(bias, (B, H, NQ, NK)), *out.stride(),
-        H, NQ, NK, D, DV, scale,
-        FUSION_MUL=fusion_mul, BIAS_KIND=_bias_kind(bias), CAUSAL=causal, **options,
+        q,
+        k,
+        v,
+        mask,
+        mask if bias is None else bias,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *mask.stride(),
+        *_bias_strides(bias, (B, H, NQ, NK)),
+        *out.stride(),
+        H,
+        NQ,
+        NK,
+        D,
+        DV,
+        scale,
+        FUSION_MUL=fusion_mul,
+        BIAS_KIND=_bias_kind(bias),
+        CAUSAL=causal,
+        **options,
     )
     return out, lse
 
@@ -157,19 +176,56 @@ def fused_attention_bwd(
     module = kernels(interpret=q.device.type != "cuda")
     flags = dict(FUSION_MUL=fusion_mul, BIAS_KIND=_bias_kind(bias), CAUSAL=causal, **options)
     common = (
-        *q.stride(), *k.stride(), *v.stride(), *mask.stride(),
-        *_bias_strides(bias, (B, H, NQ, NK)), *grad_out.stride(),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *mask.stride(),
+        *_bias_strides(bias, (B, H, NQ, NK)),
+        *grad_out.stride(),
     )
     bias_ptr = mask if bias is None else bias
     module._bwd_dkdv_dm[lambda meta: (-(-NK // meta["BLOCK_N"]), B)](
-        q, k, v, mask, bias_ptr, grad_out, lse, delta, dk, dv, dm,
-        *common, *dk.stride(), *dv.stride(),
-        H, NQ, NK, D, DV, scale, **flags,
+        q,
+        k,
+        v,
+        mask,
+        bias_ptr,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        dm,
+        *common,
+        *dk.stride(),
+        *dv.stride(),
+        H,
+        NQ,
+        NK,
+        D,
+        DV,
+        scale,
+        **flags,
     )
     module._bwd_dq[lambda meta: (H, -(-NQ // meta["BLOCK_M"]), B)](
-        q, k, v, mask, bias_ptr, grad_out, lse, delta, dq,
-        *common, *dq.stride(),
-        H, NQ, NK, D, DV, scale, **flags,
+        q,
+        k,
+        v,
+        mask,
+        bias_ptr,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *common,
+        *dq.stride(),
+        H,
+        NQ,
+        NK,
+        D,
+        DV,
+        scale,
+        **flags,
     )
     return dq, dk, dv, dm.to(mask.dtype)
 
