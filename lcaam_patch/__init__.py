@@ -48,6 +48,7 @@ from .errors import (
 )
 from .generators import LCAAMGenerator, LowRankGenerator, MaskGenerator
 from .patching import apply, is_patched, patched_sites, remove, reset_generators
+from .pretrained import from_pretrained, save_pretrained
 from .site import LCAAMSite, SiteGeometry, is_lcaam_key
 from .state_dict import lcaam_state_dict, load_lcaam_state_dict
 from .tools.capture import Capture, capture
@@ -99,6 +100,7 @@ __all__ = [
     "apply",
     "capture",
     "cost",
+    "from_pretrained",
     "get_adapter",
     "is_lcaam_key",
     "is_patched",
@@ -112,6 +114,7 @@ __all__ = [
     "registered_adapters",
     "remove",
     "reset_generators",
+    "save_pretrained",
     "summary",
     "survey",
     "unregister_adapter",

@@ -6,6 +6,9 @@ patched model with `strict=True` works, since the generators' keys are forgiven.
 way round, a patched state dict loaded into an unpatched model with `strict=True`, fails in
 PyTorch's words ("Unexpected key(s) ... lcaam ..."): patch the model with the same options
 first, or load `{k: v for k, v in sd.items() if not lcaam_patch.is_lcaam_key(k)}`.
+To keep and share LCAAM alone, `lcaam_patch.save_pretrained(model, directory)` writes its
+weights and options, and `lcaam_patch.from_pretrained(model, directory)` patches an
+unpatched model with them and loads the weights.
 """
 
 from __future__ import annotations
