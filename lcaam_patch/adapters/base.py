@@ -68,6 +68,11 @@ class Adapter(abc.ABC):
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The patched forward: the upstream's computation with `site.attend` inside."""
 
+    def inapplicable(self) -> Mapping[type[nn.Module], str]:
+        """Upstream attention classes (among those imported) that LCAAM does not apply to,
+        each with the reason; `survey` reports them as "inapplicable". The default knows none."""
+        return {}
+
     def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Options of `apply` read off the arguments of a wrapped builder (see `builders`).
 

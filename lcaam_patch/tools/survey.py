@@ -21,8 +21,9 @@ class SurveyEntry:
         class_name: its class, with the module it comes from.
         adapter: the adapter that claims it, or None.
         status: "patch", "filtered" (left out by targets/exclude, or by its adapter under
-            these options), "error" (the adapter refuses it) or "unclaimed" (attention-like,
-            but no adapter knows the class).
+            these options), "error" (the adapter refuses it), "inapplicable" (an adapter
+            declares that LCAAM does not apply to the class; the detail says why) or
+            "unclaimed" (attention-like, but no adapter knows the class).
         detail: the bound it would get, or why not.
     """
 
@@ -36,18 +37,22 @@ class SurveyEntry:
 def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> list[SurveyEntry]:
     """A dry run of `apply(model, preset=preset, **options)` that changes nothing.
 
-    Lists every module an adapter claims and every attention-like module none claims,
-    with what `apply` would do and why.
+    Lists every module an adapter claims, every module of a class an adapter declares
+    inapplicable and every other attention-like module none claims, with what `apply`
+    would do and why.
     """
     require_module(model, "survey")
     config = resolve_config(preset, options)
     adapters = list(registered_adapters().values())
+    inapplicable = {cls: f"{a.name}: {why}" for a in reversed(adapters) for cls, why in a.inapplicable().items()}
     entries = []
     for path, module in model.named_modules():
         class_name = f"{type(module).__module__}.{type(module).__qualname__}"
         adapter = claimant(adapters, module, path, model)
         if adapter is None:
-            if looks_like_attention(module):
+            if type(module) in inapplicable:
+                entries.append(SurveyEntry(path, class_name, None, "inapplicable", inapplicable[type(module)]))
+            elif looks_like_attention(module):
                 entries.append(
                     SurveyEntry(path, class_name, None, "unclaimed", "no registered adapter patches this class")
                 )
