@@ -70,13 +70,14 @@ def save_pretrained(
     else:
         config = resolve_config(preset, options)
         _check_reproduces(model, config, sites)
-    weights = {key: value.detach().cpu().contiguous() for key, value in lcaam_state_dict(model).items()}
-    meta = sorted(key for key, value in weights.items() if value.is_meta)
+    state = lcaam_state_dict(model)
+    meta = sorted(key for key, value in state.items() if value.is_meta)
     if meta:
         raise StateDictError(
             f"LCAAM weights {meta[:3]} are on the meta device; materialise the model "
             f"(model.to_empty(...), then lcaam_patch.reset_generators(model) or training) before saving"
         )
+    weights = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     from . import __version__
 
     owners = {path for path, module, _ in patched_sites(model) if generator_of(module) is not None}

@@ -180,6 +180,14 @@ def test_save_refuses_an_unpatched_model(tmp_path):
         lcaam_patch.save_pretrained(tiny_vit(), tmp_path)
 
 
+def test_save_refuses_generators_without_values(tmp_path):
+    with torch.device("meta"), pytest.warns(UserWarning, match="meta device"):
+        model = lcaam_patch.apply(tiny_vit())
+    with pytest.raises(StateDictError, match="meta device; materialise the model"):
+        lcaam_patch.save_pretrained(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_weights_keep_their_dtype_and_load_into_the_generators_dtype(tmp_path):
     source = lcaam_patch.apply(tiny_vit())
     perturb(source)
