@@ -8,7 +8,6 @@ imported on the first call, not before.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -20,11 +19,10 @@ from ..call import AttentionCall
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton can be imported (looked up once per process)."""
-    return importlib.util.find_spec("triton") is not None
+TRITON_FOUND = importlib.util.find_spec("triton") is not None
+"""Whether Triton can be imported: looked up once, when this module is imported, so that
+`refusal` reads a constant (no filesystem lookup per call, nothing for `torch.compile` to
+trace into)."""
 
 
 def interpreter_enabled() -> bool:
@@ -47,7 +45,7 @@ class TritonBackend:
             return f"the kernel computes fp16, bf16 and fp32, not {call.dtype}"
         if max(call.head_dim, call.value_dim) > MAX_HEAD_DIM:
             return f"the kernel takes head dims up to {MAX_HEAD_DIM}, not {max(call.head_dim, call.value_dim)}"
-        if not triton_available():
+        if not TRITON_FOUND:
             return "Triton is not installed (pip install triton)"
         if call.device_type == "cuda":
             return None

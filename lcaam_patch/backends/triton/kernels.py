@@ -6,7 +6,8 @@ S = QKᵀ·scale (fp32 accumulation), M (B, Nq, Nk) is shared by every head, ◇
 whose keys are all masked gets output 0 and log-sum-exp +inf, so the backward gives it
 zero weight everywhere.
 
-The backward is two deterministic kernels, without atomics:
+The backward is three deterministic kernels, without atomics:
+- `_bwd_delta`: rowsum(dO·O) in fp32, one program per (query block, head, batch).
 - `_bwd_dkdv_dm`: one program per (key block, batch) walks every head and query block,
   accumulates dK and dV of each head in registers, and sums dM over heads into an fp32
   buffer it alone owns (read-modify-write of its own column stripe).
@@ -17,6 +18,10 @@ This file is executed twice by `lcaam_patch.backends.triton.ops`: once compiled 
 GPU (autotuned) and once under Triton's interpreter for CPU tests. The interpreter keeps
 bf16 as raw 16-bit integers and cannot multiply them, so UPCAST widens every dot operand
 to fp32 after it was rounded to its storage type, which reproduces the GPU's arithmetic.
+
+Rows of M and dM are read and written with a row stride the host pads to a multiple of 16
+elements (column stride 1), while every access is masked by the true Nk. Head and batch
+indices are 64-bit before they multiply a stride.
 """
 
 from __future__ import annotations
@@ -27,13 +32,23 @@ from typing import Any
 import triton
 import triton.language as tl
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# tl.max, tl.sum and tl.zeros are @triton.jit functions decorated when Triton was imported:
-# the interpreter cannot call them unless TRITON_INTERPRET=1 was set before that import.
-# Reducing with their combine functions (and tl.full) computes the same in both modes.
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+# tl.max, tl.sum and tl.zeros are @triton.jit functions decorated once, in the mode Triton
+# was imported in, so one of this file's two modes could not call them. The reductions use
+# combine functions decorated here instead (and tl.full), which exist in both modes.
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+INTERPRET = not isinstance(_add_combine, triton.JITFunction)
+"""Whether `triton.jit` made interpreted functions here (TRITON_INTERPRET=1 when this file
+ran); read from what it made, which needs no version-specific settings API."""
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -60,13 +75,9 @@ def _scores(
     q,
     k,
     mm,
-    Bias,
-    b,
-    h,
+    bias_bh,
     offs_m,
     offs_n,
-    sbb,
-    sbh,
     sbm,
     sbn,
     NQ,
@@ -77,7 +88,10 @@ def _scores(
     CAUSAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """(S ◇ M) + B for one (BLOCK_M, BLOCK_N) tile, -inf where masked; also returns S."""
+    """(S ◇ M) + B for one (BLOCK_M, BLOCK_N) tile, -inf where masked; also returns S.
+
+    `bias_bh` points at the upstream mask of this tile's batch and head.
+    """
     s = tl.dot(q, k, input_precision=PREC) * scale
     if FUSION_MUL:
         z = s * mm
@@ -85,10 +99,10 @@ def _scores(
         z = s + mm
     inside = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
     if BIAS_KIND == 1:
-        bias = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0.0)
+        bias = tl.load(bias_bh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0.0)
         z = z + bias.to(tl.float32)
     if BIAS_KIND == 2:
-        keep = tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0)
+        keep = tl.load(bias_bh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inside, other=0)
         inside = inside & (keep != 0)
     if CAUSAL:
         inside = inside & (offs_n[None, :] <= offs_m[:, None])
@@ -146,9 +160,10 @@ def _fwd(
     PREC: tl.constexpr,
 ):
     """Output and log-sum-exp of one query block of one head (grid: heads, query blocks, batch)."""
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)  # offsets of large batches and heads overflow int32
     pid_m = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # offsets of large batches overflow int32
+    b = tl.program_id(2).to(tl.int64)
+    bias_bh = Bias + b * sbb + h * sbh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -190,13 +205,9 @@ def _fwd(
             q,
             k,
             mm,
-            Bias,
-            b,
-            h,
+            bias_bh,
             offs_m,
             offs_n,
-            sbb,
-            sbh,
             sbm,
             sbn,
             NQ,
@@ -207,11 +218,11 @@ def _fwd(
             CAUSAL,
             PREC,
         )
-        m_new = tl.maximum(m_i, tl.reduce(z, 1, _MAX))
+        m_new = tl.maximum(m_i, tl.reduce(z, 1, _max_combine))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(z - m_safe[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
         p_mm = p.to(V.dtype.element_ty)
         if UPCAST:
             p_mm = p_mm.to(tl.float32)
@@ -228,6 +239,39 @@ def _fwd(
         mask=row_ok[:, None] & (offs_dv[None, :] < DV),
     )
     tl.store(LSE + (b * H + h) * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta(
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    H,
+    NQ,
+    DV,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """rowsum(dO·O) in fp32 for one query block of one head (grid: heads, query blocks, batch)."""
+    h = tl.program_id(0).to(tl.int64)  # offsets of large batches and heads overflow int32
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < NQ
+    tile = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, mask=tile, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=tile, other=0.0)
+    delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _add_combine)
+    tl.store(DELTA + (b * H + h) * NQ + offs_m, delta, mask=row_ok)
 
 
 @_tuned(BWD_KV_CONFIGS, _KEY)
@@ -275,6 +319,8 @@ def _bwd_dkdv_dm(
     sdvh,
     sdvn,
     sdvd,
+    sdmb,
+    sdmm,
     H,
     NQ,
     NK,
@@ -291,9 +337,12 @@ def _bwd_dkdv_dm(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dK, dV of every head for one key block, and dM summed over heads (grid: key blocks, batch)."""
+    """dK, dV of every head for one key block, and dM summed over heads (grid: key blocks, batch).
+
+    DM is fp32 (B, NQ, NK) with strides (sdmb, sdmm, 1).
+    """
     pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # offsets of large batches overflow int32
+    b = tl.program_id(1).to(tl.int64)  # offsets of large batches and heads overflow int32
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -301,7 +350,9 @@ def _bwd_dkdv_dm(
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for h in range(H):
+    for head in range(H):
+        h = tl.cast(head, tl.int64)
+        bias_bh = Bias + b * sbb + h * sbh
         kt = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
             mask=col_ok[None, :] & (offs_d[:, None] < D),
@@ -343,13 +394,9 @@ def _bwd_dkdv_dm(
                 q,
                 kt,
                 mm,
-                Bias,
-                b,
-                h,
+                bias_bh,
                 offs_m,
                 offs_n,
-                sbb,
-                sbh,
                 sbm,
                 sbn,
                 NQ,
@@ -373,8 +420,8 @@ def _bwd_dkdv_dm(
             else:
                 dt = dz
                 dmm = dz
-            dm_ptrs = DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :]
-            if h > 0:
+            dm_ptrs = DM + b * sdmb + offs_m[:, None] * sdmm + offs_n[None, :]
+            if head > 0:
                 dmm += tl.load(dm_ptrs, mask=tile, other=0.0)
             tl.store(dm_ptrs, dmm, mask=tile)
             tl.debug_barrier()
@@ -450,9 +497,10 @@ def _bwd_dq(
     PREC: tl.constexpr,
 ):
     """dQ of one query block of one head (grid: heads, query blocks, batch)."""
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)  # offsets of large batches and heads overflow int32
     pid_m = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # offsets of large batches overflow int32
+    b = tl.program_id(2).to(tl.int64)
+    bias_bh = Bias + b * sbb + h * sbh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -501,13 +549,9 @@ def _bwd_dq(
             q,
             kt,
             mm,
-            Bias,
-            b,
-            h,
+            bias_bh,
             offs_m,
             offs_n,
-            sbb,
-            sbh,
             sbm,
             sbn,
             NQ,
