@@ -1,0 +1,360 @@
+"""Hugging Face transformers: LCAAM on tiny models built from configs (no download)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lcaam_patch
+
+transformers = pytest.importorskip("transformers")
+
+
+@dataclasses.dataclass
+class Family:
+    """A tiny model, its inputs, and where its padding is."""
+
+    build: Callable[[str], nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    output: Callable[[Any], torch.Tensor]
+    valid: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Selects the outputs of non-padded positions."""
+    pad: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    """The same inputs with other tokens at the padded positions."""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sites: int = 0
+
+
+V, L = 128, 10
+
+
+def _ids(batch: int = 2, length: int = L) -> torch.Tensor:
+    return torch.randint(3, V, (batch, length))
+
+
+def _padding(length: int = L, *, left: bool) -> torch.Tensor:
+    """Row 0 full, row 1 with its first (left) or last (right) 3 positions padded."""
+    mask = torch.ones(2, length, dtype=torch.long)
+    if left:
+        mask[1, :3] = 0
+    else:
+        mask[1, -3:] = 0
+    return mask
+
+
+def _repad(key: str, mask_key: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def repad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        changed = dict(inputs)
+        padded = inputs[mask_key] == 0
+        changed[key] = torch.where(padded, torch.randint(3, V, padded.shape), inputs[key])
+        return changed
+
+    return repad
+
+
+def _valid_rows(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda out: out[mask.bool()]
+
+
+def _causal_lm(name: str, **extra: Any) -> Family:
+    config_class = getattr(transformers, f"{name}Config")
+    model_class = getattr(transformers, f"{name}ForCausalLM")
+    mask = _padding(left=True)
+    options = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    return Family(
+        build=lambda impl: model_class(config_class(**options, attn_implementation=impl)),
+        inputs=lambda: {"input_ids": _ids(), "attention_mask": mask},
+        output=lambda out: out.logits,
+        valid=_valid_rows(mask),
+        pad=_repad("input_ids", "attention_mask"),
+        sites=2,
+    )
+
+
+def _gpt2() -> Family:
+    mask = _padding(left=True)
+    return Family(
+        build=lambda impl: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl
+            )
+        ),
+        inputs=lambda: {"input_ids": _ids(), "attention_mask": mask},
+        output=lambda out: out.logits,
+        valid=_valid_rows(mask),
+        pad=_repad("input_ids", "attention_mask"),
+        sites=2,
+    )
+
+
+def _bert() -> Family:
+    mask = _padding(left=False)
+    return Family(
+        build=lambda impl: transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=V,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+                attn_implementation=impl,
+            )
+        ),
+        inputs=lambda: {"input_ids": _ids(), "attention_mask": mask},
+        output=lambda out: out.last_hidden_state,
+        valid=_valid_rows(mask),
+        pad=_repad("input_ids", "attention_mask"),
+        sites=2,
+    )
+
+
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32)
+
+
+def _vit() -> Family:
+    return Family(
+        build=lambda impl: transformers.ViTModel(
+            transformers.ViTConfig(image_size=32, patch_size=8, **VISION, attn_implementation=impl)
+        ),
+        inputs=lambda: {"pixel_values": _pixels()},
+        output=lambda out: out.last_hidden_state,
+        sites=2,
+    )
+
+
+def _siglip() -> Family:
+    return Family(
+        build=lambda impl: transformers.SiglipVisionModel(
+            transformers.SiglipVisionConfig(
+                image_size=32, patch_size=8, vision_use_head=False, **VISION, attn_implementation=impl
+            )
+        ),
+        inputs=lambda: {"pixel_values": _pixels()},
+        output=lambda out: out.last_hidden_state,
+        sites=2,
+    )
+
+
+def _clip() -> Family:
+    mask = _padding(left=True)
+
+    def build(impl: str) -> nn.Module:
+        text = dict(vocab_size=V, max_position_embeddings=16, **VISION)
+        vision = dict(image_size=32, patch_size=8, **VISION)
+        config = transformers.CLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=32, attn_implementation=impl
+        )
+        return transformers.CLIPModel(config)
+
+    def output(out: Any) -> torch.Tensor:
+        return torch.cat([out.text_model_output.last_hidden_state.flatten(1), out.image_embeds], dim=1)
+
+    def valid(out: torch.Tensor) -> torch.Tensor:
+        text = out[:, : L * 64].reshape(2, L, 64)[mask.bool()]
+        return torch.cat([text.flatten(), out[:, L * 64 :].flatten()])
+
+    return Family(
+        build=build,
+        inputs=lambda: {"input_ids": _ids(), "attention_mask": mask, "pixel_values": _pixels()},
+        output=output,
+        valid=valid,
+        pad=_repad("input_ids", "attention_mask"),
+        sites=4,
+    )
+
+
+def _seq2seq_inputs(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"input_ids": _ids(), "attention_mask": mask, "decoder_input_ids": _ids(2, 6)}
+
+
+def _bart() -> Family:
+    mask = _padding(left=False)
+    return Family(
+        build=lambda impl: transformers.BartForConditionalGeneration(
+            transformers.BartConfig(
+                vocab_size=V,
+                d_model=64,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                max_position_embeddings=64,
+                attn_implementation=impl,
+            )
+        ),
+        inputs=lambda: _seq2seq_inputs(mask),
+        output=lambda out: out.logits,
+        pad=_repad("input_ids", "attention_mask"),
+        sites=3,
+    )
+
+
+def _t5() -> Family:
+    mask = _padding(left=False)
+    return Family(
+        build=lambda impl: transformers.T5ForConditionalGeneration(
+            transformers.T5Config(
+                vocab_size=V,
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                attn_implementation=impl,
+            )
+        ),
+        inputs=lambda: _seq2seq_inputs(mask),
+        output=lambda out: out.logits,
+        pad=_repad("input_ids", "attention_mask"),
+        options=dict(max_tokens=16, max_kv_tokens=16),
+        sites=6,
+    )
+
+
+def _whisper() -> Family:
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+
+    def inputs() -> dict[str, torch.Tensor]:
+        return {
+            "input_features": torch.randn(2, 8, 32),
+            "decoder_input_ids": _ids(2, 6),
+            "decoder_attention_mask": mask,
+        }
+
+    return Family(
+        build=lambda impl: transformers.WhisperForConditionalGeneration(
+            transformers.WhisperConfig(
+                vocab_size=V,
+                num_mel_bins=8,
+                d_model=64,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                max_source_positions=16,
+                max_target_positions=16,
+                pad_token_id=0,
+                decoder_start_token_id=1,
+                attn_implementation=impl,
+            )
+        ),
+        inputs=inputs,
+        output=lambda out: out.logits,
+        valid=_valid_rows(mask),
+        pad=_repad("decoder_input_ids", "decoder_attention_mask"),
+        sites=3,
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "llama": lambda: _causal_lm("Llama"),
+    "mistral": lambda: _causal_lm("Mistral", sliding_window=4),
+    "qwen3": lambda: _causal_lm("Qwen3", head_dim=16),
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "vit": _vit,
+    "clip": _clip,
+    "siglip": _siglip,
+    "whisper": _whisper,
+    "bart": _bart,
+    "t5": _t5,
+}
+
+
+def _perturb(model: nn.Module, scale: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if lcaam_patch.is_lcaam_key(name):
+                parameter.normal_(0.0, scale)
+
+
+def _upstream_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if not lcaam_patch.is_lcaam_key(k)}
+
+
+def _structure(model: nn.Module) -> list[tuple[str, type, list[str], int]]:
+    return [(n, type(m), sorted(vars(m)), len(m._load_state_dict_post_hooks)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family(name: str, implementation: str) -> None:
+    """Identity exact, perturbed M changes the output, gradients reach every LCAAM
+    parameter, padded keys have no influence, keys unchanged, remove restores."""
+    family = FAMILIES[name]()
+    model: Any = family.build(implementation).eval()
+    reference = copy.deepcopy(model)
+    inputs = family.inputs()
+    before, structure = _upstream_state(model), _structure(model)
+    config_implementation = model.config._attn_implementation
+    configs = {path: module.config for path, module in model.named_modules() if hasattr(module, "config")}
+
+    lcaam_patch.apply(model, **family.options)
+    sites = lcaam_patch.patched_sites(model)
+    assert len(sites) == family.sites
+    assert {site.adapter.name for _, _, site in sites} == {"transformers"}
+    assert model.config._attn_implementation == config_implementation
+    for path, module, _ in sites:
+        assert isinstance(module.config, transformers.PretrainedConfig)
+        assert module.config is not configs[path]
+        assert module.config._attn_implementation == "lcaam"
+        assert configs[path]._attn_implementation == config_implementation
+    assert set(_upstream_state(model)) == set(before)
+    valid = family.valid or (lambda out: out)
+    with torch.no_grad():
+        expected = family.output(reference(**inputs))
+        torch.testing.assert_close(valid(family.output(model(**inputs))), valid(expected), atol=1e-5, rtol=1e-5)
+
+    _perturb(model)
+    with torch.no_grad():
+        moved = family.output(model(**inputs))
+    assert (valid(moved) - valid(expected)).abs().max() > 1e-3
+    if family.pad is not None:
+        with torch.no_grad():
+            repadded = family.output(model(**family.pad(inputs)))
+        torch.testing.assert_close(valid(repadded), valid(moved), atol=1e-6, rtol=1e-6)
+
+    model.train()
+    family.output(model(**inputs)).square().mean().backward()
+    lcaam = [(n, p) for n, p in model.named_parameters() if lcaam_patch.is_lcaam_key(n)]
+    assert lcaam
+    for parameter_name, parameter in lcaam:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
+    model.zero_grad(set_to_none=True)
+
+    lcaam_patch.remove(model.eval())
+    assert _structure(model) == structure
+    for path, module, _ in sites:
+        assert module.config is configs[path]
+        assert "forward" not in vars(module)
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(family.output(model(**inputs)), expected, atol=0, rtol=0)
