@@ -15,6 +15,7 @@ from conftest import assert_unchanged, snapshot, tiny_vit
 from torch import nn
 
 import lcaam_patch
+from lcaam_patch.adapters import registry
 from lcaam_patch.errors import (
     AlreadyPatchedError,
     InvalidOptionError,
@@ -164,6 +165,47 @@ def test_options_read_off_the_model_re_create_it(tmp_path):
     )
     loaded = lcaam_patch.from_pretrained(fresh_copy(model, tiny_vit), tmp_path)
     assert [p for p, _, _ in lcaam_patch.patched_sites(loaded)] == ["blocks.1.attn"]
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+
+class ToyAdapter(lcaam_patch.Adapter):
+    """Its sites see one register token more than the `max_tokens` given (default 4), so
+    the bound cannot be read back off the model."""
+
+    name = "toy"
+
+    def attention_types(self):
+        return (Toy,)
+
+    def geometry(self, module, path, root, config):
+        bound = (config.max_tokens or 4) + 1
+        return lcaam_patch.SiteGeometry(4, bound, bound, "self")
+
+    def forward(self, module, site, x):
+        q, k, v = module.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        out, _ = site.attend(module, x, q, k, v, scale=1.0)
+        return out.squeeze(1)
+
+
+def test_options_the_model_cannot_tell_are_asked_for_then_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry.registered_adapters()))
+    lcaam_patch.register_adapter(ToyAdapter())
+    source = lcaam_patch.apply(nn.Sequential(Toy(), Toy()), max_tokens=7)
+    perturb(source)
+    with pytest.raises(
+        StateDictError, match=r"pass the options you gave apply: .*save_pretrained\(model, directory, max"
+    ):
+        lcaam_patch.save_pretrained(source, tmp_path)
+    lcaam_patch.save_pretrained(source, tmp_path, max_tokens=7)
+    x = torch.randn(2, 8, 4)
+    model = lcaam_patch.from_pretrained(fresh_copy(source, lambda: nn.Sequential(Toy(), Toy())), tmp_path)
+    assert torch.equal(model(x), source(x))
+    assert lcaam_patch.patched_sites(model)[0][2].geometry.max_kv_tokens == 8
 
 
 def test_options_that_do_not_re_create_the_model_are_refused(tmp_path):
