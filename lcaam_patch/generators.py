@@ -12,8 +12,9 @@ Both are called as `generator(x, num_kv_tokens, kv_tokens)` and say what they ar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import pairwise
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,24 @@ class LCAAMGenerator(Protocol):
         max_kv_tokens: the largest key count it can place, None for no bound.
     """
 
-    kind: str
-    reads_key_tokens: bool
-    max_kv_tokens: int | None
+    @property
+    def kind(self) -> str:
+        """ "mlp" or "lowrank"."""
+        ...
+
+    @property
+    def reads_key_tokens(self) -> bool:
+        """Whether the key tokens are read."""
+        ...
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        """The key bound, None for none."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The generator's parameters (it is an `nn.Module`)."""
+        ...
 
     def __call__(
         self, x: torch.Tensor, num_kv_tokens: int, kv_tokens: torch.Tensor | None = None
@@ -49,9 +65,51 @@ class LCAAMGenerator(Protocol):
         """Re-initialise as configured (identity by default)."""
         ...
 
+    def reset_to_identity(self) -> None:
+        """Make M the fusion's neutral value for every input."""
+        ...
+
     def describe(self) -> str:
         """A short description for tables, e.g. "1×Linear→197"."""
         ...
+
+
+def _linear_stack(
+    in_features: int,
+    out_features: int,
+    depth: int,
+    hidden: int | None,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.ModuleList:
+    """`depth` Linear layers from `in_features` to `out_features` (hidden width `hidden`,
+    default `in_features`)."""
+    widths = [in_features] + [hidden or in_features] * (depth - 1) + [out_features]
+    return nn.ModuleList(nn.Linear(i, o, device=device, dtype=dtype) for i, o in pairwise(widths))
+
+
+def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
+    return cast(list[nn.Linear], list(stack))
+
+
+def _run_hidden(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """The stack up to (not including) its last layer, ReLU after each layer."""
+    for layer in _linears(stack)[:-1]:
+        x = F.relu(layer(x))
+    return x
+
+
+def _he_init_hidden(stack: nn.ModuleList) -> None:
+    """He (Kaiming) init for the layers followed by ReLU, biases at 0.
+
+    PyTorch's default Linear init shrinks the signal by about √3 per ReLU layer, so a
+    deep generator (the paper uses depth 16 and 32) would start blind to its input.
+    """
+    with torch.no_grad():
+        for layer in _linears(stack)[:-1]:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            layer.bias.zero_()
 
 
 class MaskGenerator(nn.Module):
@@ -81,11 +139,7 @@ class MaskGenerator(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        hidden = hidden or in_features
-        widths = [in_features] + [hidden] * (depth - 1) + [max_kv_tokens]
-        self.layers = nn.ModuleList(
-            nn.Linear(w_in, w_out, device=device, dtype=dtype) for w_in, w_out in pairwise(widths)
-        )
+        self.layers = _linear_stack(in_features, max_kv_tokens, depth, hidden, device=device, dtype=dtype)
         self.activation = activation
         self.fusion = fusion
         self.max_kv_tokens = max_kv_tokens
@@ -98,21 +152,10 @@ class MaskGenerator(nn.Module):
         default) for the last. Call it after `to_empty()` when the model was patched on
         the `meta` device (`lcaam_patch.reset_generators(model)` does every site)."""
         if self.init == "default":
-            self.layers[-1].reset_parameters()
-        self.reset_hidden_layers()
+            _linears(self.layers)[-1].reset_parameters()
+        _he_init_hidden(self.layers)
         if self.init == "identity":
             self.reset_to_identity()
-
-    def reset_hidden_layers(self) -> None:
-        """He (Kaiming) init for the layers followed by ReLU, biases at 0.
-
-        PyTorch's default Linear init shrinks the signal by about √3 per ReLU layer, so a
-        deep generator (the paper uses depth 16 and 32) would start blind to its input.
-        """
-        with torch.no_grad():
-            for layer in self.layers[:-1]:
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                layer.bias.zero_()
 
     def reset_to_identity(self) -> None:
         """Set the last layer so that M equals the fusion's neutral value everywhere."""
@@ -121,7 +164,7 @@ class MaskGenerator(nn.Module):
             raise InvalidOptionError(
                 f"activation={self.activation!r} has no identity for fusion={self.fusion!r}; use init='default'"
             )
-        last = self.layers[-1]
+        last = _linears(self.layers)[-1]
         with torch.no_grad():
             last.weight.zero_()
             last.bias.fill_(bias)
@@ -139,10 +182,8 @@ class MaskGenerator(nn.Module):
                 f"max_kv_tokens={num_kv_tokens} (max_tokens for self-attention) or larger "
                 f"to lcaam_patch.apply"
             )
-        h = x
-        for layer in self.layers[:-1]:
-            h = F.relu(layer(h))
-        last = self.layers[-1]
+        h = _run_hidden(self.layers, x)
+        last = _linears(self.layers)[-1]
         if num_kv_tokens < self.max_kv_tokens:
             m = F.linear(h, last.weight[:num_kv_tokens], last.bias[:num_kv_tokens])
         else:
@@ -159,18 +200,6 @@ class MaskGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, fusion={self.fusion!r}"
-
-
-def _stack(in_features: int, out_features: int, depth: int, hidden: int | None, **factory: object) -> nn.ModuleList:
-    hidden = hidden or in_features
-    widths = [in_features] + [hidden] * (depth - 1) + [out_features]
-    return nn.ModuleList(nn.Linear(i, o, **factory) for i, o in pairwise(widths))
-
-
-def _run(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    for layer in layers[:-1]:
-        x = F.relu(layer(x))
-    return layers[-1](x)
 
 
 class LowRankGenerator(nn.Module):
@@ -201,9 +230,8 @@ class LowRankGenerator(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory = dict(device=device, dtype=dtype)
-        self.query = _stack(in_features, rank, depth, hidden, **factory)
-        self.key = _stack(kv_in_features, rank, depth, hidden, **factory)
+        self.query = _linear_stack(in_features, rank, depth, hidden, device=device, dtype=dtype)
+        self.key = _linear_stack(kv_in_features, rank, depth, hidden, device=device, dtype=dtype)
         self.rank = rank
         self.fusion = fusion
         self.init = init
@@ -213,12 +241,9 @@ class LowRankGenerator(nn.Module):
         """Re-initialise as configured: He init for the hidden layers (as `MaskGenerator`),
         PyTorch's default for the last ones, then identity if asked. Call it after
         `to_empty()` for a model patched on `meta` (`lcaam_patch.reset_generators`)."""
-        with torch.no_grad():
-            for stack in (self.query, self.key):
-                for layer in stack[:-1]:
-                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                    layer.bias.zero_()
-                stack[-1].reset_parameters()
+        for stack in (self.query, self.key):
+            _he_init_hidden(stack)
+            _linears(stack)[-1].reset_parameters()
         if self.init == "identity":
             self.reset_to_identity()
 
@@ -226,7 +251,7 @@ class LowRankGenerator(nn.Module):
         """Make M the fusion's neutral value (1 for mul, 0 for add) for every input."""
         neutral = NEUTRAL[self.fusion]
         with torch.no_grad():
-            key, query = self.key[-1], self.query[-1]
+            key, query = _linears(self.key)[-1], _linears(self.query)[-1]
             key.weight.zero_()
             key.bias.zero_()
             if neutral != 0.0:
@@ -239,7 +264,9 @@ class LowRankGenerator(nn.Module):
     ) -> LowRankMask:
         """The factors of M for query tokens `x` and key tokens `kv_tokens` (default: `x`,
         self-attention); `num_kv_tokens` needs no bound here."""
-        return LowRankMask(_run(self.query, x), _run(self.key, x if kv_tokens is None else kv_tokens))
+        kv = x if kv_tokens is None else kv_tokens
+        query, key = _linears(self.query)[-1], _linears(self.key)[-1]
+        return LowRankMask(query(_run_hidden(self.query, x)), key(_run_hidden(self.key, kv)))
 
     def describe(self) -> str:
         """ "lowrank r=R, 2×DEPTH×Linear"."""

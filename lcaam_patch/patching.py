@@ -103,8 +103,8 @@ def apply(
     injected: list[nn.Module] = []
     try:
         for site in planned:
-            _patch(model, site, config, generators.get(site.path))
             injected.append(site.module)
+            _patch(model, site, config, generators.get(site.path))
     except BaseException:
         for module in reversed(injected):
             _unpatch(module)
@@ -232,8 +232,8 @@ def _is_our_forward(module: nn.Module) -> bool:
     return isinstance(forward, functools.partial) and forward.func is patched_forward
 
 
-def _unpatch(module: nn.Module) -> None:
-    """Undo `_patch` on one module."""
+def _unpatch(module: nn.Module, *, restore_adapter: bool = True) -> None:
+    """Undo `_patch` on one module (a no-op on a module it did not patch)."""
     site: LCAAMSite | None = vars(module).get(SITE_ATTR)
     if GENERATOR_NAME in module._modules:
         delattr(module, GENERATOR_NAME)
@@ -244,7 +244,8 @@ def _unpatch(module: nn.Module) -> None:
         del hooks[key]
     if site is not None:
         delattr(module, SITE_ATTR)
-        site.adapter.restore(module, site.adapter_state)
+        if restore_adapter:
+            site.adapter.restore(module, site.adapter_state)
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -436,9 +437,13 @@ def _patch(
     setattr(module, SITE_ATTR, patched)
     module.forward = functools.partial(patched_forward, module)
     module.register_load_state_dict_post_hook(forgive_missing_lcaam_keys)
-    patched.adapter_state = site.adapter.prepare(module, root)
+    try:
+        patched.adapter_state = site.adapter.prepare(module, root)
+    except BaseException:
+        _unpatch(module, restore_adapter=False)
+        raise
 
 
-def parameter_count(module: nn.Module | None) -> int:
+def parameter_count(module: nn.Module | LCAAMGenerator | None) -> int:
     """Number of parameter elements of `module` (0 for None)."""
     return 0 if module is None else sum(p.numel() for p in module.parameters())

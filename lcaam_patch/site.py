@@ -12,7 +12,7 @@ from torch import nn
 
 from .backends import AttentionCall, AttentionResult, LowRankMask, run
 from .errors import GlobalModeError
-from .generators import LCAAMGenerator
+from .generators import LCAAMGenerator, LowRankGenerator, MaskGenerator
 
 GENERATOR_NAME = "lcaam"
 SITE_ATTR = "_lcaam_site"
@@ -218,10 +218,10 @@ class LCAAMSite:
         return result.output, result.weights
 
 
-def generator_of(module: nn.Module) -> LCAAMGenerator | None:
+def generator_of(module: nn.Module) -> MaskGenerator | LowRankGenerator | None:
     """The generator a patched module owns, or None (unpatched or a global follower)."""
     generator = module._modules.get(GENERATOR_NAME)
-    return generator if isinstance(generator, LCAAMGenerator) else None
+    return generator if isinstance(generator, (MaskGenerator, LowRankGenerator)) else None
 
 
 def patched_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

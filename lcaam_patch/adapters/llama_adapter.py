@@ -71,7 +71,7 @@ class _SiteState:
     """What `restore` undoes: the MHA adapter's state and, for one site, the freezer wrap."""
 
     mha: Any = None
-    root: nn.Module | None = None
+    root: Any | None = None
     previous_freezer: Any = None
 
 
@@ -103,7 +103,7 @@ class LLaMAAdapterAdapter(Adapter):
         extra = (llama_attention,) if llama_attention is not None else ()
         return (*_TIMM.attention_types(), nn.MultiheadAttention, *extra)
 
-    def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
+    def claims(self, module: Any, path: str, root: Any) -> bool:
         """The visual-block, CLIP and LLaMA attentions of a `LLaMA_adapter` root."""
         model_type = _model_type()
         if model_type is None or not isinstance(root, model_type):
@@ -116,16 +116,17 @@ class LLaMAAdapterAdapter(Adapter):
             return type(module) is _llama_attention_type()
         return False
 
-    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
+    def geometry(self, module: Any, path: str, root: Any, config: LCAAMConfig) -> SiteGeometry:
         """Self-attention bounds: visual queries + CLIP tokens, CLIP tokens, or `max_seq_len`."""
-        if type(module) is nn.MultiheadAttention:
+        kind = type(module)
+        if kind is nn.MultiheadAttention:
             bound = config.max_tokens or _clip_tokens(root, path)
             return _MHA.geometry(module, path, root, dataclasses.replace(config, max_tokens=bound))
-        if type(module) is _llama_attention_type():
+        if kind is _llama_attention_type():
             bound = config.max_tokens or module.args.max_seq_len
             return SiteGeometry(module.wq.in_features, bound, config.max_kv_tokens or bound, "self")
         _TIMM.check_version()
-        query_len = getattr(root, "query_len", None)
+        query_len: Any = getattr(root, "query_len", None)
         if config.max_tokens is None and not isinstance(query_len, int):
             raise UnsupportedModuleError(
                 f"LLaMA_adapter model has no integer 'query_len', so the token bound of {path!r} "
@@ -134,7 +135,7 @@ class LLaMAAdapterAdapter(Adapter):
         bound = config.max_tokens or query_len + _clip_tokens(root, path)
         return _TIMM.geometry(module, path, root, dataclasses.replace(config, max_tokens=bound))
 
-    def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, module: Any, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The upstream forward of the site's class, with LCAAM attention."""
         if type(module) is nn.MultiheadAttention:
             return _MHA.forward(module, site, *args, **kwargs)
@@ -142,7 +143,7 @@ class LLaMAAdapterAdapter(Adapter):
             return _llama_attention_forward(module, site, *args, **kwargs)
         return _TIMM.forward(module, site, *args, **kwargs)
 
-    def prepare(self, module: nn.Module, root: nn.Module) -> _SiteState:
+    def prepare(self, module: Any, root: Any) -> _SiteState:
         """Keep the generator fp32 and trainable; wrap the root's freezer once."""
         state = _SiteState()
         if type(module) is nn.MultiheadAttention:
@@ -158,7 +159,7 @@ class LLaMAAdapterAdapter(Adapter):
             state.root, state.previous_freezer = root, current
         return state
 
-    def restore(self, module: nn.Module, state: _SiteState) -> None:
+    def restore(self, module: Any, state: _SiteState) -> None:
         """Undo `prepare`: the MHA adapter's hooks, the key-token cache and the freezer wrap."""
         if type(module) is nn.MultiheadAttention:
             _MHA.restore(module, state.mha)
@@ -171,7 +172,7 @@ class LLaMAAdapterAdapter(Adapter):
                 setattr(root, FREEZER, state.previous_freezer)
 
 
-def make_lcaam_trainable(root: nn.Module) -> None:
+def make_lcaam_trainable(root: Any) -> None:
     """Make every LCAAM generator parameter under `root` fp32 and trainable."""
     for module in root.modules():
         generator = generator_of(module)
@@ -179,7 +180,7 @@ def make_lcaam_trainable(root: nn.Module) -> None:
             _make_trainable(generator)
 
 
-def freeze_then_keep_lcaam_trainable(root: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
+def freeze_then_keep_lcaam_trainable(root: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
     """Upstream's `get_trainable_params`, then the LCAAM parameters made trainable again."""
     result = original(*args, **kwargs)
     make_lcaam_trainable(root)
@@ -211,7 +212,7 @@ def _llama_attention_type() -> type[nn.Module] | None:
     return getattr(sys.modules.get(LLAMA_MODULE), "Attention", None)
 
 
-def _clip_tokens(root: nn.Module, path: str) -> int:
+def _clip_tokens(root: Any, path: str) -> int:
     embedding = getattr(getattr(getattr(root, "clip", None), "visual", None), "positional_embedding", None)
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
         raise UnsupportedModuleError(
@@ -222,7 +223,7 @@ def _clip_tokens(root: nn.Module, path: str) -> int:
 
 
 def _llama_attention_forward(
-    module: nn.Module,
+    module: Any,
     site: LCAAMSite,
     x: torch.Tensor,
     start_pos: int,
@@ -271,7 +272,7 @@ def _llama_attention_forward(
     return result
 
 
-def _cached_key_tokens(module: nn.Module, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+def _cached_key_tokens(module: Any, x: torch.Tensor, start_pos: int) -> torch.Tensor:
     """The tokens of every cached key, for a "lowrank" generator (which reads key tokens):
     kept beside upstream's KV cache, with the same layout."""
     bsz, seqlen, dim = x.shape
@@ -283,14 +284,14 @@ def _cached_key_tokens(module: nn.Module, x: torch.Tensor, start_pos: int) -> to
     return cache[:bsz, : start_pos + seqlen]
 
 
-def _with_lora(module: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
+def _with_lora(module: Any, x: torch.Tensor, which: str) -> torch.Tensor:
     projected = getattr(module, f"w{which}")(x)
     if module.w_lora:
         projected = projected + getattr(module, f"lora_w{which}_l2")(getattr(module, f"lora_w{which}_l1")(x))
     return projected
 
 
-def _adapter_prompt(module: nn.Module, q: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
+def _adapter_prompt(module: Any, q: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
     """The gated adapter-prompt attention that upstream adds to the output, untouched by M."""
     bsz, length, _ = adapter.shape
     shape = (bsz, length, module.n_local_heads, module.head_dim)

@@ -99,7 +99,7 @@ def _bert_self_attention_type() -> type[nn.Module] | None:
     return _upstream_class(BERT_MODULE, "BertSelfAttention")
 
 
-def _enclosing_model(path: str, root: nn.Module) -> nn.Module | None:
+def _enclosing_model(path: str, root: Any) -> Any:
     """The `VideoTransformer` whose BERT holds the self-attention at `path`, if any."""
     match = _BERT_SITE.fullmatch(path)
     video_transformer = _video_transformer_type()
@@ -121,7 +121,7 @@ class SwinBERTAdapter(Adapter):
         """`VideoTransformer` and `BertSelfAttention`, where SwinBERT's modules are imported."""
         return tuple(t for t in (_video_transformer_type(), _bert_self_attention_type()) if t is not None)
 
-    def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
+    def claims(self, module: Any, path: str, root: Any) -> bool:
         """A `VideoTransformer` with its learnable mask on, and the `BertSelfAttention`s of a
         `VideoTransformer`'s captioning transformer."""
         kind = type(module)
@@ -129,7 +129,7 @@ class SwinBERTAdapter(Adapter):
             return bool(getattr(module, "learn_mask_enabled", False))
         return kind is _bert_self_attention_type() and _enclosing_model(path, root) is not None
 
-    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry | None:
+    def geometry(self, module: Any, path: str, root: Any, config: LCAAMConfig) -> SiteGeometry | None:
         """Video site: M×M over the video tokens. BERT sites (multilayer only): (T + M)²."""
         if config.generator != "mlp":
             raise UnsupportedModuleError(
@@ -159,7 +159,7 @@ class SwinBERTAdapter(Adapter):
         tokens = text + model.max_img_seq_length
         return SiteGeometry(module.query.in_features, tokens, tokens, "self")
 
-    def _video_geometry(self, module: nn.Module, path: str) -> SiteGeometry:
+    def _video_geometry(self, module: Any, path: str) -> SiteGeometry:
         video = module.max_img_seq_length
         entries = module.learn_vid_att.num_embeddings
         if entries != video * video:
@@ -173,14 +173,15 @@ class SwinBERTAdapter(Adapter):
     def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """`VideoTransformer(args, ...)`: the text bound is the longest of training and decoding."""
         options = args[0] if args else kwargs.get("args")
-        lengths = [getattr(options, name, None) for name in ("max_seq_length", "max_gen_length")]
-        lengths = [int(n) for n in lengths if isinstance(n, int) and n > 0]
+        given = [getattr(options, name, None) for name in ("max_seq_length", "max_gen_length")]
+        lengths = [int(n) for n in given if isinstance(n, int) and n > 0]
         return {"max_tokens": max(lengths)} if lengths else {}
 
-    def prepare(self, module: nn.Module, root: nn.Module) -> _FrozenMask | int:
+    def prepare(self, module: Any, root: Any) -> _FrozenMask | int:
         """Video site: freeze `learn_vid_att`. BERT site: the number of video tokens."""
-        if type(module) is _video_transformer_type():
-            weight = module.learn_vid_att.weight
+        kind = type(module)
+        if kind is _video_transformer_type():
+            weight: nn.Parameter = module.learn_vid_att.weight
             frozen = _FrozenMask(weight, weight.requires_grad)
             weight.requires_grad_(False)
             return frozen
@@ -189,19 +190,19 @@ class SwinBERTAdapter(Adapter):
         assert model is not None
         return int(model.max_img_seq_length)
 
-    def restore(self, module: nn.Module, state: _FrozenMask | int) -> None:
+    def restore(self, module: Any, state: _FrozenMask | int) -> None:
         """Give `learn_vid_att` back its `requires_grad` if it is still the one frozen."""
         if isinstance(state, _FrozenMask) and module.learn_vid_att.weight is state.weight:
             state.weight.requires_grad_(state.requires_grad)
 
-    def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, module: Any, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """Upstream's `VideoTransformer.forward` or `BertSelfAttention.forward`, with LCAAM."""
         if type(module) is _video_transformer_type():
             return _video_forward(module, site, *args, **kwargs)
         return _bert_forward(module, site, *args, **kwargs)
 
 
-def _video_forward(module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
+def _video_forward(module: Any, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
     """`VideoTransformer.forward` with the video block of the mask generated per sample."""
     images = kwargs["img_feats"]
     B = images.shape[0]
@@ -213,7 +214,9 @@ def _video_forward(module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any
     if module.trans_encoder.bert.encoder.output_attentions:
         module.trans_encoder.bert.encoder.set_output_attentions(False)
     video = module.max_img_seq_length
-    learned = torch.sigmoid(site.mask(module, vid_feats, video))
+    generated = site.mask(module, vid_feats, video)
+    assert isinstance(generated, torch.Tensor), "geometry() refuses generator='lowrank' for SwinBERT"
+    learned = torch.sigmoid(generated)
     diagonal = torch.eye(video, device=learned.device, dtype=learned.dtype)
     video_attention = (1.0 - diagonal) * learned
     video_mask = diagonal + video_attention
@@ -231,7 +234,7 @@ def _video_forward(module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any
 
 
 def _bert_forward(
-    module: nn.Module,
+    module: Any,
     site: LCAAMSite,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -250,6 +253,7 @@ def _bert_forward(
     k = module.transpose_for_scores(module.key(states))
     v = module.transpose_for_scores(module.value(states))
     video: int = site.adapter_state
+    assert site.geometry.max_kv_tokens is not None
     text_bound = site.geometry.max_kv_tokens - video
     text = k.shape[-2] - video
     if not 0 <= text <= text_bound:
@@ -260,6 +264,7 @@ def _bert_forward(
             f"of --max_seq_length and --max_gen_length) to lcaam_patch.apply"
         )
     columns = site.mask(module, hidden_states, text_bound + video)
+    assert isinstance(columns, torch.Tensor), "geometry() refuses generator='lowrank' for SwinBERT"
     text_columns, video_columns = columns[..., :text], columns[..., text_bound:]
     ordered = (video_columns, text_columns) if history_state is not None else (text_columns, video_columns)
     mask = torch.cat(ordered, dim=-1)
@@ -276,7 +281,10 @@ def _bert_forward(
     )
     context, probs, _ = site.run(call)
     context = context.permute(0, 2, 1, 3).reshape(*hidden_states.shape[:-1], module.all_head_size)
-    return (context, probs) if module.output_attentions else (context,)
+    if module.output_attentions:
+        assert probs is not None
+        return (context, probs)
+    return (context,)
 
 
 adapter = SwinBERTAdapter()

@@ -19,7 +19,7 @@ from ..site import LCAAMSite, SiteGeometry
 from .base import Adapter
 
 
-def keep_off_fast_path(module: nn.Module, args: tuple[Any, ...]) -> None:
+def keep_off_fast_path(module: Any, args: tuple[Any, ...]) -> None:
     """Forward pre-hook that does nothing; its presence keeps
     `nn.TransformerEncoderLayer` off its fused fast path, which would bypass the patch."""
 
@@ -33,7 +33,7 @@ class MultiheadAttentionAdapter(Adapter):
         """`nn.MultiheadAttention` only (subclasses may change its forward)."""
         return (nn.MultiheadAttention,)
 
-    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
+    def geometry(self, module: Any, path: str, root: Any, config: LCAAMConfig) -> SiteGeometry:
         """Reject add_zero_attn/add_bias_kv; bounds come from max_tokens/max_kv_tokens.
 
         generator="lowrank" needs no bound; it reads the key tokens (width `kdim`).
@@ -62,7 +62,7 @@ class MultiheadAttentionAdapter(Adapter):
             module.embed_dim, config.max_tokens, max_kv, "cross" if cross else "self", kv_embed_dim=module.kdim
         )
 
-    def prepare(self, module: nn.Module, root: nn.Module) -> list[nn.Module]:
+    def prepare(self, module: Any, root: Any) -> list[nn.TransformerEncoder]:
         """Keep fused fast paths of enclosing `nn.Transformer*` modules from bypassing the patch."""
         module.register_forward_pre_hook(keep_off_fast_path)
         encoders = [
@@ -76,7 +76,7 @@ class MultiheadAttentionAdapter(Adapter):
             encoder.use_nested_tensor = False
         return encoders
 
-    def restore(self, module: nn.Module, state: list[nn.Module]) -> None:
+    def restore(self, module: Any, state: list[nn.TransformerEncoder] | None) -> None:
         """Remove the marker hook and re-enable nested tensors where they were on."""
         hooks = module._forward_pre_hooks
         for key in [k for k, hook in hooks.items() if hook is keep_off_fast_path]:
@@ -86,7 +86,7 @@ class MultiheadAttentionAdapter(Adapter):
 
     def forward(
         self,
-        module: nn.Module,
+        module: Any,
         site: LCAAMSite,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -102,6 +102,14 @@ class MultiheadAttentionAdapter(Adapter):
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                 "module method `generate_square_subsequent_mask` to create this mask."
+            )
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise UnsupportedModuleError(
+                f"nn.MultiheadAttention at {site.path!r} received nested tensors: an enclosing "
+                f"nn.TransformerEncoder packs padded batches into nested tensors in eval mode, "
+                f"which this patch does not compute. Patch the enclosing model instead "
+                f"(lcaam_patch.apply(encoder, ...) turns nested tensors off), or build the "
+                f"encoder with enable_nested_tensor=False"
             )
         batched = query.dim() == 3
         if not batched:
@@ -143,7 +151,7 @@ class MultiheadAttentionAdapter(Adapter):
 
 
 def _project(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if module._qkv_same_embed_dim:
         w_q, w_k, w_v = module.in_proj_weight.chunk(3)

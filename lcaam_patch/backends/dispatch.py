@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendUnavailableError, InvalidOptionError, RegistrationError
+from . import masking
 from .call import AttentionBackend, AttentionCall, AttentionResult, LowRankMask
 
 _BACKENDS: dict[str, tuple[int, AttentionBackend]] = {}
@@ -83,6 +84,7 @@ def run(call: AttentionCall, backend: str = "auto") -> AttentionResult:
     """Compute `call` with the backend `choose(backend, call)` names."""
     name = choose(backend, call)
     chosen = _BACKENDS[name][1]
+    call = masking.hide_masked_keys(call)
     if call.is_lowrank and not getattr(chosen, "accepts_lowrank", False):
         call = call.with_dense_mask()
     out, weights = chosen(call)

@@ -11,6 +11,9 @@ The guarantee every backend meets through this module:
   them, so a large S·M can outweigh them. Adapters whose upstream writes hard masks as a
   large finite negative number (BERT's -10000, `finfo.min`) turn them into -inf with
   `harden` first.
+- Keys that are hard-masked for every query and head of their sample (key padding) are
+  zeroed in k and v (and in a factorized M's key factor) before any backend sees them, so
+  whatever those keys hold cannot overflow a fused score into a NaN.
 - A query whose keys are all hard-masked (a *dead row*) gets output 0 and no gradient,
   never NaN.
 - M is cast to the dtype a backend computes in with saturation, so a finite M stays finite
@@ -24,7 +27,7 @@ import dataclasses
 
 import torch
 
-from .call import NEUTRAL, AttentionCall
+from .call import NEUTRAL, AttentionCall, LowRankMask
 
 
 def causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:
@@ -154,3 +157,25 @@ def harden(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:
     `(1 - m) * -10000` (threshold -10000) or `torch.finfo(dtype).min`.
     """
     return attn_mask.masked_fill(attn_mask <= threshold, float("-inf"))
+
+
+def hidden_keys(call: AttentionCall, upstream: UpstreamMask) -> torch.Tensor | None:
+    """bool (B|1, 1, Nk, 1): keys hard-masked for every query and head; None if none can be."""
+    keep = upstream.full_keep()
+    if keep is None:
+        return None
+    return ~keep.any(dim=-2, keepdim=True).any(dim=-3, keepdim=True).transpose(-1, -2)
+
+
+def hide_masked_keys(call: AttentionCall) -> AttentionCall:
+    """`call` with the keys no query may attend zeroed in k, v and the key factor of M."""
+    hidden = hidden_keys(call, upstream_mask(call))
+    if hidden is None:
+        return call
+    zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
+    k = torch.where(hidden, zero, call.k)
+    v = torch.where(hidden, zero.to(call.v.dtype), call.v)
+    mask = call.mask
+    if isinstance(mask, LowRankMask):
+        mask = LowRankMask(mask.a, torch.where(hidden[:, 0], torch.zeros((), dtype=mask.b.dtype), mask.b))
+    return dataclasses.replace(call, k=k, v=v, mask=mask)

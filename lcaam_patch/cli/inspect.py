@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..patching import apply, patched_sites
+from ..site import generator_of
 from ..state_dict import load_lcaam_state_dict
 from ..tools.capture import capture
 from ..tools.cost import cost
@@ -94,7 +95,7 @@ def _write_plots(model: nn.Module, x: torch.Tensor, directory: Path) -> list[Pat
 
     baseline = copy.deepcopy(model)
     for _, module, _ in patched_sites(baseline):
-        generator = module._modules.get("lcaam")
+        generator = generator_of(module)
         if generator is not None:
             generator.reset_to_identity()
     with torch.no_grad(), capture(model, attention=True) as seen, capture(baseline, attention=True) as plain:

@@ -40,8 +40,8 @@ def mask_heatmap(
 ) -> Figure:
     """Heatmap of one mask (Nq, Nk) — or the first sample of (B, Nq, Nk) — with lines and
     labels at token-group boundaries, e.g. groups=[("video", 0, 25), ("audio", 25, 50)]."""
-    values = mask[0] if mask.dim() == 3 else mask
-    values = values.detach().float().cpu().numpy()
+    one = mask[0] if mask.dim() == 3 else mask
+    values = one.detach().float().cpu().numpy()
     figure = _figure(6.0, 5.0)
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
