@@ -259,7 +259,7 @@ def _whisper() -> Family:
                 encoder_ffn_dim=128,
                 decoder_ffn_dim=128,
                 max_source_positions=16,
-                max_target_positions=16,
+                max_target_positions=12,
                 pad_token_id=0,
                 decoder_start_token_id=1,
                 attn_implementation=impl,
@@ -358,3 +358,244 @@ def test_family(name: str, implementation: str) -> None:
     assert state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
     with torch.no_grad():
         torch.testing.assert_close(family.output(model(**inputs)), expected, atol=0, rtol=0)
+
+
+def _llama(**extra: Any) -> Any:
+    options = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    options.update(extra)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+
+
+@pytest.mark.parametrize(
+    "name,bounds",
+    [
+        ("vit", {"layers.0.attention": (17, 17)}),
+        ("siglip", {"encoder.layers.0.self_attn": (16, 16)}),
+        (
+            "clip",
+            {
+                "text_model.encoder.layers.0.self_attn": (16, 16),
+                "vision_model.encoder.layers.0.self_attn": (17, 17),
+            },
+        ),
+        (
+            "whisper",
+            {
+                "model.encoder.layers.0.self_attn": (16, 16),
+                "model.decoder.layers.0.self_attn": (12, 12),
+                "model.decoder.layers.0.encoder_attn": (12, 16),
+            },
+        ),
+        ("gpt2", {"transformer.h.0.attn": (64, 64)}),
+    ],
+)
+def test_token_bounds_come_from_the_config(name: str, bounds: dict[str, tuple[int, int]]) -> None:
+    """Image grids plus prefix tokens, Whisper's source/target positions, text positions."""
+    model = lcaam_patch.apply(FAMILIES[name]().build("sdpa"))
+    geometry = {
+        path: (site.geometry.max_q_tokens, site.geometry.max_kv_tokens)
+        for path, _, site in lcaam_patch.patched_sites(model)
+    }
+    for path, bound in bounds.items():
+        assert geometry[path] == bound, path
+    assert lcaam_patch.patched_sites(model)[-1][2].geometry.kind == ("cross" if name == "whisper" else "self")
+
+
+def test_absurd_width_is_refused_with_the_ways_out() -> None:
+    """Llama-3's 131072 positions: the error names max_kv_tokens and generator='lowrank'."""
+    model = _llama(max_position_embeddings=131072)
+    with pytest.raises(lcaam_patch.MissingBoundError, match=r"131072.*max_kv_tokens=N.*generator='lowrank'"):
+        lcaam_patch.apply(model)
+    assert not lcaam_patch.is_patched(model)
+    lcaam_patch.apply(model, max_kv_tokens=32)
+    assert {site.geometry.max_kv_tokens for _, _, site in lcaam_patch.patched_sites(model)} == {32}
+    lcaam_patch.remove(model)
+    lcaam_patch.apply(model, generator="lowrank")
+    assert lcaam_patch.is_patched(model)
+
+
+def test_t5_needs_a_bound() -> None:
+    with pytest.raises(lcaam_patch.MissingBoundError, match="max_tokens=N"):
+        lcaam_patch.apply(FAMILIES["t5"]().build("sdpa"))
+
+
+def _flex() -> nn.Module:
+    return _llama(attn_implementation="flex_attention")
+
+
+def _paged() -> nn.Module:
+    model = _llama()
+    model.config._attn_implementation_internal = "paged|sdpa"
+    return model
+
+
+def _softcap() -> nn.Module:
+    config = transformers.Gemma2Config(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_logit_softcapping=50.0,
+    )
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def _sinks() -> nn.Module:
+    config = transformers.GptOssConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+    )
+    return transformers.GptOssForCausalLM(config)
+
+
+def _chunked() -> nn.Module:
+    from transformers.models.qwen2_vl import configuration_qwen2_vl, modeling_qwen2_vl
+
+    config = configuration_qwen2_vl.Qwen2VLVisionConfig(depth=1, embed_dim=32, hidden_size=32, num_heads=4)
+    return modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(config)
+
+
+@pytest.mark.parametrize(
+    "build,reason",
+    [
+        (_flex, "runs attn_implementation='flex_attention'.*attn_implementation='sdpa'"),
+        (_paged, "runs attn_implementation='paged\\|sdpa'"),
+        (_softcap, "soft-caps its attention logits"),
+        (_sinks, "attention sinks"),
+        (_chunked, "once per chunk"),
+        (lambda: nn.DataParallel(_llama()), "wrapped by nn.DataParallel"),
+    ],
+    ids=["flex", "paged", "softcap", "sinks", "chunked", "dataparallel"],
+)
+def test_what_cannot_be_honoured_is_refused_at_apply(build: Callable[[], nn.Module], reason: str) -> None:
+    model = build()
+    state = model.state_dict()
+    with pytest.raises(lcaam_patch.LCAAMError, match=reason):
+        lcaam_patch.apply(model)
+    assert not lcaam_patch.is_patched(model)
+    assert model.state_dict().keys() == state.keys()
+
+
+def test_switching_the_implementation_after_apply_is_refused() -> None:
+    model = lcaam_patch.apply(_llama())
+    model.set_attn_implementation("eager")
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"switched from 'sdpa' to 'eager'.*remove"):
+        model(_ids(1, 5))
+    lcaam_patch.remove(model)
+    lcaam_patch.apply(model)
+    assert model(_ids(1, 5)).logits.isfinite().all()
+
+
+def test_per_instance_other_models_and_the_config_are_untouched() -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    patched, other = transformers.LlamaForCausalLM(config).eval(), transformers.LlamaForCausalLM(config).eval()
+    assert patched.config is other.config is config
+    ids = _ids()
+    with torch.no_grad():
+        expected = other(ids).logits
+    lcaam_patch.apply(patched)
+    _perturb(patched)
+    assert config._attn_implementation == "sdpa"
+    assert all(layer.self_attn.config is config for layer in other.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, expected, atol=0, rtol=0)
+        assert (patched(ids).logits - other(ids).logits).abs().max() > 1e-3
+    assert not lcaam_patch.is_patched(other)
+
+
+def _generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, **options: Any) -> Any:
+    """Greedy tokens and their scores (B, steps, vocab)."""
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **options,
+    )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def _assert_same_generation(a: Any, b: Any) -> None:
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_generate_gives_the_same_tokens_with_and_without_cache(sliding_window: int | None) -> None:
+    """After LCAAM moved from identity: dynamic and static caches, left padding, sliding
+    windows (4 positions, so the 14-token sequences overflow them)."""
+    if sliding_window is None:
+        model = _llama()
+    else:
+        config = transformers.MistralConfig(
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=sliding_window,
+        )
+        model = transformers.MistralForCausalLM(config).eval()
+    lcaam_patch.apply(model)
+    _perturb(model)
+    ids, mask = _ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    without = _generate(model, ids, mask, use_cache=False)
+    _assert_same_generation(_generate(model, ids, mask), without)
+    _assert_same_generation(_generate(model, ids, mask, cache_implementation="static"), without)
+    lcaam_patch.remove(model)
+    assert (_generate(model, ids, mask, use_cache=False)[1] - without[1]).abs().max() > 1e-2
+
+
+def test_generate_encoder_decoder_with_cache() -> None:
+    model = lcaam_patch.apply(FAMILIES["bart"]().build("sdpa").eval())
+    _perturb(model, 0.3)
+    ids = _ids(2, 6)
+    _assert_same_generation(_generate(model, ids), _generate(model, ids, use_cache=False))
+
+
+def test_lowrank_works_without_cache_and_is_refused_with_one() -> None:
+    model = _llama()
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model, generator="lowrank", rank=2)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    _perturb(model, 0.3)
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() > 1e-3
+    assert _generate(model, ids[:1], use_cache=False)[0].shape == (1, L + 8)
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"lowrank.*KV cache.*use_cache=False"):
+        _generate(model, ids[:1])

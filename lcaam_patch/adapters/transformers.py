@@ -260,9 +260,9 @@ class TransformersAdapter(Adapter):
         if current != state.implementation:
             raise UnsupportedModuleError(
                 f"the attention implementation of {site.path!r} was switched from "
-                f"{state.implementation!r} to {current!r} after lcaam_patch.apply; LCAAM runs on "
-                f"eager/sdpa masks only. Call lcaam_patch.remove(model) before switching, and "
-                f"apply again with 'eager' or 'sdpa'"
+                f"{state.implementation!r} to {current!r} after lcaam_patch.apply, which reads the "
+                f"masks of the implementation it was applied under; call lcaam_patch.remove(model) "
+                f"before switching, then apply again ('eager' or 'sdpa')"
             )
         arguments = _bind(type(module), args, kwargs)
         x = arguments.get("hidden_states", args[0] if args else None)
