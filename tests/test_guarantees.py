@@ -296,3 +296,31 @@ def test_patched_state_dict_into_unpatched_model_fails_in_pytorchs_words_and_the
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*lcaam"):
         plain.load_state_dict(state, strict=True)
     plain.load_state_dict({k: v for k, v in state.items() if not lcaam_patch.is_lcaam_key(k)}, strict=True)
+
+
+# gradcheck of whole patched models in float64: eager and lowrank routes, both modes
+
+
+@pytest.mark.parametrize("mode", ["multilayer", "global"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(backend="eager"), dict(generator="lowrank", rank=2, backend="lowrank_sdpa")],
+    ids=["eager", "lowrank"],
+)
+def test_gradcheck_of_a_patched_vit_in_float64(mode, options):
+    model = tiny_vit(img_size=8, patch_size=4, embed_dim=8, num_heads=2, num_classes=3).double()
+    lcaam_patch.apply(model, mode=mode, init="default", **options)
+    padding = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    padding[..., -1] = False
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        tokens = model.patch_embed(x)
+        tokens = model._pos_embed(tokens)
+        for block in model.blocks:
+            tokens = tokens + block.attn(block.norm1(tokens), attn_mask=padding)
+        return tokens
+
+    assert torch.autograd.gradcheck(forward, (x,))
+    ran = {site.last_backend for _, _, site in lcaam_patch.patched_sites(model)}
+    assert ran == {options["backend"]}

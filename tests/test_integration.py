@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_vit
+from helpers import tiny_vit
 from torch import nn
 
 import lcaam_patch
@@ -153,53 +149,6 @@ def test_bf16_autocast_trains(fusion):
     nn.functional.cross_entropy(logits.float(), y).backward()
     lcaam = [p for n, p in model.named_parameters() if ".lcaam." in n]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lcaam)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = lcaam_patch.apply(tiny_vit())
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        torch.manual_seed(1 + rank)
-        lcaam_grad_seen = True
-        for _ in range(3):
-            x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            lcaam_grads = [p.grad for n, p in model.named_parameters() if ".lcaam." in n]
-            lcaam_grad_seen &= all(g is not None and g.abs().sum() > 0 for g in lcaam_grads)
-            optimizer.step()
-        results[rank] = (
-            {n: p.detach().clone() for n, p in model.named_parameters()},
-            lcaam_grad_seen,
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_ddp_on_two_cpu_ranks_keeps_parameters_identical():
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
-    (params0, grads0), (params1, grads1) = results[0], results[1]
-    assert grads0 and grads1
-    assert params0.keys() == params1.keys()
-    for name in params0:
-        assert torch.equal(params0[name], params1[name]), name
-    initial = lcaam_patch.apply(tiny_vit())
-    moved = [n for n, p in initial.named_parameters() if ".lcaam." in n and not torch.equal(p, params0[n])]
-    assert moved
 
 
 def test_patch_on_meta_then_materialise_and_reset_keeps_identity():
