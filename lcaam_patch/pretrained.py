@@ -14,8 +14,9 @@ it checks the files, the sites and the weights before it touches the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import fnmatch
+import itertools
 import json
 import os
 import warnings
@@ -40,6 +41,7 @@ from .patching import (
     require_module,
     require_patched,
     resolve_config,
+    site_geometry,
 )
 from .site import GENERATOR_NAME, SiteGeometry, generator_of
 from .state_dict import lcaam_state_dict, load_lcaam_state_dict
@@ -65,11 +67,12 @@ def save_pretrained(
     """
     require_patched(model, "save_pretrained")
     sites = _patched(model)
+    skeleton = _unpatched_skeleton(model)
     if preset is None and not options:
-        config = _read_config(model, sites)
+        config = _read_config(model, skeleton, sites)
     else:
         config = resolve_config(preset, options)
-        _check_reproduces(model, config, sites)
+        _check_reproduces(model, skeleton, config, sites)
     state = lcaam_state_dict(model)
     meta = sorted(key for key, value in state.items() if value.is_meta)
     if meta:
@@ -147,24 +150,32 @@ def _patched(model: nn.Module) -> _Sites:
     return {path: (site.adapter.name, site.geometry) for path, _, site in patched_sites(model)}
 
 
-def _selected(path: str, config: LCAAMConfig) -> bool:
-    """Whether targets/exclude of `config` keep the module at `path`."""
-    if config.targets is not None and not any(fnmatch.fnmatchcase(path, p) for p in config.targets):
-        return False
-    return config.exclude is None or not any(fnmatch.fnmatchcase(path, p) for p in config.exclude)
+def _unpatched_skeleton(model: nn.Module) -> nn.Module | None:
+    """A copy of the patched `model` with LCAAM removed and every parameter and buffer on
+    `meta` (no weight is copied), for dry runs of `apply`; None if the model cannot be copied."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    try:
+        skeleton = copy.deepcopy(model, memo)
+        remove(skeleton)
+    except Exception:  # an attribute deepcopy cannot copy, or a forward replaced after apply
+        return None
+    return skeleton
 
 
 def _would_patch(model: nn.Module, config: LCAAMConfig) -> _Found:
-    """The sites `apply(model, **config)` would patch, by path, with adapter name and geometry
-    (or why the adapter refuses the module); a dry run on a patched or an unpatched model."""
+    """The sites `apply(model, **config)` would patch in the unpatched `model`, by path, with
+    adapter name and geometry (or why the adapter refuses the module); changes nothing."""
     adapters = list(registered_adapters().values())
     found: _Found = {}
     for path, module in model.named_modules():
         adapter = claimant(adapters, module, path, model)
-        if adapter is None or not _selected(path, config):
+        if adapter is None:
             continue
         try:
-            geometry = adapter.geometry(module, path, model, config)
+            geometry = site_geometry(path, module, adapter, model, config)
         except LCAAMError as error:
             found[path] = (adapter.name, f"refused: {error}")
             continue
@@ -209,10 +220,11 @@ def _generator_options(model: nn.Module) -> dict[str, Any]:
     return options
 
 
-def _read_config(model: nn.Module, sites: _Sites) -> LCAAMConfig:
-    """The config that re-creates the sites of `model`: the generators' options, the token
-    bounds (the adapter's own when they match, else the sites' common ones), and targets
-    naming the sites only when not every supported module is patched."""
+def _read_config(model: nn.Module, skeleton: nn.Module | None, sites: _Sites) -> LCAAMConfig:
+    """The config that re-creates the sites of `model`, checked by a dry run on `skeleton`:
+    the generators' options, the fewest token bounds that give the sites' bounds (none when
+    the adapters infer them), and targets naming the sites only when not every supported
+    module is patched."""
     options = _generator_options(model)
     geometries = [geometry for _, geometry in sites.values()]
     q_bounds = {g.max_q_tokens for g in geometries}
@@ -220,27 +232,28 @@ def _read_config(model: nn.Module, sites: _Sites) -> LCAAMConfig:
     bounds: list[dict[str, Any]] = [{}]
     if len(q_bounds) == 1 and len(kv_bounds) == 1:
         (max_q,), (max_kv,) = q_bounds, kv_bounds
-        bounds.append({"max_tokens": max_q, "max_kv_tokens": max_kv if max_kv != max_q else None})
+        bounds += [{"max_kv_tokens": max_kv}, {"max_tokens": max_q}, {"max_tokens": max_q, "max_kv_tokens": max_kv}]
     targets = tuple(_escape(path) for path in sites)
     for bound in bounds:
         for restrict in ({}, {"targets": targets}):
             config = LCAAMConfig.from_options({**options, **bound, **restrict})
-            if _would_patch(model, config) == sites:
+            if skeleton is not None and _would_patch(skeleton, config) == sites:
                 return config
     raise StateDictError(
         "save_pretrained cannot read the options of apply off this model (its adapters do not "
-        "infer the token bounds the sites have); pass the options you gave apply: "
-        "lcaam_patch.save_pretrained(model, directory, max_tokens=..., ...)"
+        "infer the token bounds the sites have, or the model cannot be copied for a dry run); "
+        "pass the options you gave apply: lcaam_patch.save_pretrained(model, directory, max_tokens=..., ...)"
     )
 
 
-def _check_reproduces(model: nn.Module, config: LCAAMConfig, sites: _Sites) -> None:
-    """Refuse options given to `save_pretrained` that would not re-create `model`'s LCAAM."""
-    found = _would_patch(model, config)
+def _check_reproduces(model: nn.Module, skeleton: nn.Module | None, config: LCAAMConfig, sites: _Sites) -> None:
+    """Refuse options given to `save_pretrained` that would not re-create `model`'s LCAAM
+    (the sites are checked when the model could be copied for a dry run)."""
     expected = _generator_options(model)
     width = _first_layers(model)[0].in_features
     given = {**dataclasses.asdict(config), "hidden": (config.hidden or width) if config.depth > 1 else None}
     differing = sorted(key for key, value in expected.items() if given[key] != value)
+    found = sites if skeleton is None else _would_patch(skeleton, config)
     if found != sites or differing:
         detail = f"options {differing} differ" if differing else f"they patch {sorted(found)}, not {sorted(sites)}"
         raise InvalidOptionError(

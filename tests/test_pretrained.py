@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import assert_unchanged, snapshot, tiny_vit
+from helpers import assert_unchanged, snapshot, tiny_vit
 from torch import nn
 
 import lcaam_patch
@@ -123,6 +123,25 @@ def test_cross_attention_round_trip_keeps_both_bounds(tmp_path):
     assert (geometry.max_q_tokens, geometry.max_kv_tokens, geometry.kind) == (4, 9, "cross")
 
 
+def test_transformers_llama_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+    def llama() -> nn.Module:
+        options = dict(config, num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+
+    source = lcaam_patch.apply(llama(), max_kv_tokens=16)
+    perturb(source)
+    lcaam_patch.save_pretrained(source, tmp_path)
+    saved_config = json.loads((tmp_path / "lcaam.json").read_text())["config"]
+    assert (saved_config["max_tokens"], saved_config["max_kv_tokens"]) == (None, 16)
+    ids = torch.randint(0, 64, (2, 12))
+    model = lcaam_patch.from_pretrained(fresh_copy(source, llama), tmp_path)
+    assert torch.equal(model(ids).logits, source(ids).logits)
+    assert not torch.allclose(fresh_copy(source, llama)(ids).logits, source(ids).logits)
+
+
 def test_only_lcaam_weights_are_written(tmp_path):
     source, directory = saved(tmp_path)
     assert sorted(os.listdir(directory)) == ["lcaam.json", "lcaam.safetensors"]
@@ -215,6 +234,16 @@ def test_options_that_do_not_re_create_the_model_are_refused(tmp_path):
     with pytest.raises(InvalidOptionError, match="do not re-create"):
         lcaam_patch.save_pretrained(model, tmp_path, depth=2, targets="blocks.0.*")
     assert not tmp_path.joinpath("lcaam.json").exists()
+
+
+def test_saving_leaves_the_model_as_it_was(tmp_path):
+    model = lcaam_patch.apply(tiny_vit(), mode="global").eval()
+    perturb(model)
+    x = torch.randn(1, 3, 16, 16)
+    before, expected = snapshot(model), model(x)
+    lcaam_patch.save_pretrained(model, tmp_path)
+    assert_unchanged(model, before)
+    assert torch.equal(model(x), expected)
 
 
 def test_save_refuses_an_unpatched_model(tmp_path):
