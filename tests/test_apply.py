@@ -1,10 +1,10 @@
-"""The guarantees of `apply`/`remove` (DESIGN §3) on timm and nn.MultiheadAttention models."""
+"""The guarantees of `apply`/`remove` (docs/design.md §3) on timm and nn.MultiheadAttention models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from torch import nn
 
 import lcaam_patch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from torch import nn
 
 import lcaam_patch
@@ -137,7 +137,7 @@ def test_survey_reports_patch_filtered_error_and_unclaimed():
 def test_inspect_prints_tables_and_writes_plots(tmp_path, capsys):
     assert (
         main(
-            ["inspect", "conftest:tiny_vit", "--input-shape", "1,3,16,16", "--init", "default", "--plot", str(tmp_path)]
+            ["inspect", "helpers:tiny_vit", "--input-shape", "1,3,16,16", "--init", "default", "--plot", str(tmp_path)]
         )
         == 0
     )

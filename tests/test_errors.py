@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot, tiny_vit
+from helpers import assert_unchanged, snapshot, tiny_vit
 from torch import nn
 
 import lcaam_patch

@@ -530,7 +530,7 @@ def test_per_instance_other_models_and_the_config_are_untouched() -> None:
     assert not lcaam_patch.is_patched(other)
 
 
-def _generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, **options: Any) -> Any:
+def _generate(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None, **options: Any) -> Any:
     """Greedy tokens and their scores (B, steps, vocab)."""
     out = model.generate(
         ids,
@@ -599,3 +599,106 @@ def test_lowrank_works_without_cache_and_is_refused_with_one() -> None:
     assert _generate(model, ids[:1], use_cache=False)[0].shape == (1, L + 8)
     with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"lowrank.*KV cache.*use_cache=False"):
         _generate(model, ids[:1])
+
+
+def _lora(**options: Any) -> Any:
+    peft = pytest.importorskip("peft")
+    return peft.LoraConfig(r=4, lora_alpha=8, **options)
+
+
+def _train_step(model: nn.Module, ids: torch.Tensor) -> None:
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def _assert_lcaam_and_lora_learn(model: nn.Module) -> None:
+    lcaam = {n: p for n, p in model.named_parameters() if lcaam_patch.is_lcaam_key(n) and p.requires_grad}
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lcaam and lora
+    assert all(p.requires_grad for p in lora.values())
+    for name, parameter in {**lcaam, **lora}.items():
+        if "lora_A" not in name:  # lora_B starts at 0, so lora_A gets no gradient in the first step
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_peft_lora_then_lcaam() -> None:
+    """get_peft_model first (all-linear), apply after: the generators are not LoRA-wrapped
+    and stay trainable; identity exact."""
+    peft = pytest.importorskip("peft")
+    model = _llama()
+    reference = copy.deepcopy(model)
+    ids = _ids()
+    peft_model = peft.get_peft_model(model, _lora(target_modules="all-linear"))
+    lcaam_patch.apply(peft_model)
+    assert all(site.path.startswith("base_model.model.") for _, _, site in lcaam_patch.patched_sites(peft_model))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    _train_step(peft_model, ids)
+    _assert_lcaam_and_lora_learn(peft_model)
+
+
+def test_peft_lcaam_then_lora() -> None:
+    """apply first: PEFT freezes every non-LoRA parameter, so the generators go through
+    modules_to_save=['lcaam'] (trainable copies PEFT also saves)."""
+    peft = pytest.importorskip("peft")
+    model = lcaam_patch.apply(_llama())
+    reference = copy.deepcopy(model)
+    ids = _ids()
+    frozen = peft.get_peft_model(copy.deepcopy(model), _lora(target_modules=["q_proj", "v_proj"]))
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if lcaam_patch.is_lcaam_key(n))
+    peft_model = peft.get_peft_model(model, _lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lcaam"]))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    _train_step(peft_model, ids)
+    _assert_lcaam_and_lora_learn(peft_model)
+    saved = peft.get_peft_model_state_dict(peft_model)
+    assert any(lcaam_patch.is_lcaam_key(key) for key in saved)
+
+
+def test_peft_all_linear_does_not_silently_swallow_the_generators() -> None:
+    peft = pytest.importorskip("peft")
+    ids = _ids()
+    wrapped = peft.get_peft_model(lcaam_patch.apply(_llama()), _lora(target_modules="all-linear"))
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"wrapped by another tuner.*exclude_modules"):
+        wrapped(ids)
+    excluded = peft.get_peft_model(
+        lcaam_patch.apply(_llama()),
+        _lora(target_modules="all-linear", exclude_modules=r".*\.lcaam\..*", modules_to_save=["lcaam"]),
+    )
+    _train_step(excluded, ids)
+    _assert_lcaam_and_lora_learn(excluded)
+
+
+def test_trainer_checkpoint_holds_and_resume_restores_lcaam(tmp_path: Any) -> None:
+    from safetensors.torch import load_file
+
+    ids = _ids(8, 8)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_steps=3,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        disable_tqdm=True,
+    )
+    model = lcaam_patch.apply(_llama())
+    initial = {k: v.clone() for k, v in lcaam_patch.lcaam_state_dict(model).items()}
+    transformers.Trainer(model=model, args=arguments, train_dataset=dataset).train()
+    trained = lcaam_patch.lcaam_state_dict(model)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    checkpoint = tmp_path / "checkpoint-3"
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    for key, value in trained.items():
+        torch.testing.assert_close(saved[key], value, atol=0, rtol=0)
+
+    resumed = lcaam_patch.apply(_llama())
+    transformers.Trainer(model=resumed, args=arguments, train_dataset=dataset).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
+    for key, value in lcaam_patch.lcaam_state_dict(resumed).items():
+        torch.testing.assert_close(value, trained[key], atol=0, rtol=0)

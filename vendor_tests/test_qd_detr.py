@@ -1,7 +1,7 @@
 """QD-DETR with LCAAM: upstream's own training loop, run unmodified through the launcher.
 
 Needs the submodule (`git submodule update --init integration/QD-DETR`) and upstream's
-training dependencies (`pip install -e ".[test,qd_detr]"`); skips with that message
+training dependencies (`pip install -e ".[test,qd-detr]"`); skips with that message
 otherwise. The training run uses a small generator (depth 2, width 64) to stay within a
 CPU budget; the identity-init comparison uses the paper's preset as it is.
 """

@@ -49,7 +49,7 @@ from ..backends import AttentionCall, LowRankMask
 from ..backends.masking import harden
 from ..config import LCAAMConfig
 from ..errors import MissingBoundError, UnsupportedModuleError
-from ..site import SITE_ATTR, LCAAMSite, SiteGeometry
+from ..site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
 from .base import Adapter
 
 ATTENTION_FUNCTION = "lcaam"
@@ -264,6 +264,7 @@ class TransformersAdapter(Adapter):
                 f"masks of the implementation it was applied under; call lcaam_patch.remove(model) "
                 f"before switching, then apply again ('eager' or 'sdpa')"
             )
+        _refuse_wrapped_generator(module, site.path)
         arguments = _bind(type(module), args, kwargs)
         x = arguments.get("hidden_states", args[0] if args else None)
         if not isinstance(x, torch.Tensor):
@@ -279,6 +280,19 @@ class TransformersAdapter(Adapter):
             return type(module).forward(module, *args, **kwargs)
         finally:
             state.stash.calls.pop()
+
+
+def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
+    """A generator whose Linears another tuner wrapped (PEFT's target_modules="all-linear")
+    would run their base weights only: the tuner's update would be silently lost."""
+    generator = module._modules.get(GENERATOR_NAME)
+    if generator is not None and any(hasattr(m, "base_layer") for m in generator.modules()):
+        raise UnsupportedModuleError(
+            f"the LCAAM generator of {path!r} had its Linear layers wrapped by another tuner (e.g. "
+            f"LoRA with target_modules='all-linear'), whose update LCAAM's sliced weights would "
+            f"silently skip; leave the generators out (LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) "
+            f"and train them as they are (modules_to_save=['lcaam'])"
+        )
 
 
 def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
