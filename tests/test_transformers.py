@@ -496,7 +496,7 @@ def test_what_cannot_be_honoured_is_refused_at_apply(build: Callable[[], nn.Modu
 
 
 def test_switching_the_implementation_after_apply_is_refused() -> None:
-    model = lcaam_patch.apply(_llama())
+    model: Any = lcaam_patch.apply(_llama())
     model.set_attn_implementation("eager")
     with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"switched from 'sdpa' to 'eager'.*remove"):
         model(_ids(1, 5))
@@ -702,3 +702,27 @@ def test_trainer_checkpoint_holds_and_resume_restores_lcaam(tmp_path: Any) -> No
     )
     for key, value in lcaam_patch.lcaam_state_dict(resumed).items():
         torch.testing.assert_close(value, trained[key], atol=0, rtol=0)
+
+
+INSPECT_TARGET = """
+import transformers
+
+
+def tiny_vit():
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    return transformers.ViTModel(config)
+"""
+
+
+def test_inspect_a_transformers_model_given_as_module_function(tmp_path: Any, monkeypatch: Any, capsys: Any) -> None:
+    from lcaam_patch.cli import main
+
+    (tmp_path / "tiny_hf_models.py").write_text(INSPECT_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "tiny_hf_models:tiny_vit", "--input-shape", "2,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "[patch    ] layers.0.attention  transformers.models.vit.modeling_vit.ViTAttention  (transformers)" in out
+    assert "layers.1.attention  transformers  self  17×17" in out
+    assert "Cost of one forward pass on input (2, 3, 32, 32)" in out
