@@ -267,10 +267,11 @@ def fused_attention_fwd(
     row-aligned copy of M the kernels read (see `kernel_mask`; empty when M is read in place)."""
     interpret = q.device.type != "cuda"
     store = mask.new_empty(_mask_store_shape(mask))
-    m = kernel_mask(mask, store)
     if store.numel():
-        m.copy_(mask)
-    launch, out, lse = forward_launch(q, k, v, m, bias, fusion_mul, causal, scale, interpret=interpret)
+        store[..., : mask.shape[-1]].copy_(mask[: store.shape[0]])
+    launch, out, lse = forward_launch(
+        q, k, v, kernel_mask(mask, store), bias, fusion_mul, causal, scale, interpret=interpret
+    )
     launch.run(interpret)
     return out, lse, store
 
