@@ -55,8 +55,7 @@ from .tools.capture import Capture, capture
 from .tools.cost import CostRow, CostTable, cost
 from .tools.summary import PatchSummary, SiteSummary, summary
 from .tools.survey import SurveyEntry, survey
-
-__version__ = "0.2.0"
+from .version import __version__
 
 install_legacy_aliases()
 

@@ -45,6 +45,7 @@ from .patching import (
 )
 from .site import GENERATOR_NAME, SiteGeometry, generator_of
 from .state_dict import lcaam_state_dict, load_lcaam_state_dict
+from .version import __version__
 
 WEIGHTS_NAME = "lcaam.safetensors"
 CONFIG_NAME = "lcaam.json"
@@ -81,8 +82,6 @@ def save_pretrained(
             f"(model.to_empty(...), then lcaam_patch.reset_generators(model) or training) before saving"
         )
     weights = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    from . import __version__
-
     owners = {path for path, module, _ in patched_sites(model) if generator_of(module) is not None}
     adapters = {name for name, _ in sites.values()}
     registry = registered_adapters()
@@ -384,8 +383,9 @@ def _check_adapters(document: dict[str, Any], source: Path) -> None:
     registry = registered_adapters()
     unknown = sorted({site["adapter"] for site in document["sites"]} - set(registry))
     if unknown:
-        distributions = [(document["adapters"].get(name) or {}).get("distribution") for name in unknown]
-        hint = ", ".join(d for d in distributions if d) or "the package that provides them"
+        entries = [document["adapters"].get(name) for name in unknown]
+        distributions = [e.get("distribution") for e in entries if isinstance(e, dict)]
+        hint = ", ".join(d for d in distributions if isinstance(d, str)) or "the package that provides them"
         raise UnknownAdapterError(
             f"{source} was saved with the adapter(s) {unknown}, which are not registered here; "
             f"install {hint} (and import it) before calling from_pretrained"
@@ -416,8 +416,6 @@ def _compare_sites(saved: _Sites, found: _Found, document: dict[str, Any], model
 
 
 def _warn_versions(document: dict[str, Any], source: Path) -> None:
-    from . import __version__
-
     saved = document.get("library_version")
     if saved != __version__:
         warnings.warn(
