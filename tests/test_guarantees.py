@@ -324,3 +324,21 @@ def test_gradcheck_of_a_patched_vit_in_float64(mode, options):
     assert torch.autograd.gradcheck(forward, (x,))
     ran = {site.last_backend for _, _, site in lcaam_patch.patched_sites(model)}
     assert ran == {options["backend"]}
+
+
+# 2. mode="global" with two forwards before one backward (multi-view training)
+
+
+def test_global_mode_two_forwards_then_one_backward_is_exact():
+    model = lcaam_patch.apply(tiny_vit(), mode="global", init="default")
+    views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    separate = []
+    for view in views:
+        model.zero_grad()
+        model(view).square().sum().backward()
+        separate.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lcaam." in n})
+    model.zero_grad()
+    (model(views[0]).square().sum() + model(views[1]).square().sum()).backward()
+    for name, parameter in model.named_parameters():
+        if ".lcaam." in name:
+            torch.testing.assert_close(parameter.grad, separate[0][name] + separate[1][name])
