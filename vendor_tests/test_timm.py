@@ -4,6 +4,7 @@ class (built on the meta device), and exactness and trainability on small real m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 from typing import Any
 
@@ -15,12 +16,11 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 import lcaam_patch  # noqa: E402
-from lcaam_patch import MissingBoundError, NoAttentionFoundError  # noqa: E402
+from lcaam_patch import NoAttentionFoundError  # noqa: E402
 
 ADAPTER = lcaam_patch.get_adapter("timm")
 SUPPORTED = ADAPTER.attention_types()
 NUM_CLASSES = 10
-META_MAX_TOKENS = 1024
 
 
 # --- every timm model, on the meta device -------------------------------------------------
@@ -66,41 +66,61 @@ def _meta_candidates() -> list[str]:
     return sorted(timm.list_models(module=families))
 
 
-def _grid_bound(model: nn.Module) -> int | None:
-    """The token bound the adapter is documented to infer, or None when it cannot."""
-    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-    return num_patches + model.num_prefix_tokens if isinstance(num_patches, int) else None
+def _default_input(model: nn.Module) -> torch.Tensor:
+    """A meta batch of one image at the model's own image size (its config's otherwise)."""
+    size = tuple(model.pretrained_cfg["input_size"])
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(img_size, tuple) and len(img_size) == 2:
+        size = (size[0], *img_size)
+    return torch.empty(1, *size, device="meta")
+
+
+def _generator_calls(model: nn.Module, inputs: Any) -> dict[str, tuple[int, int]]:
+    """(Nq, Nk) of the largest call of each site's generator in one forward of `model`."""
+    seen: dict[str, tuple[int, int]] = {}
+    handles = []
+    for path, module, _ in lcaam_patch.patched_sites(model):
+
+        def hook(generator: nn.Module, args: tuple[Any, ...], path: str = path) -> None:
+            nq, nk = args[0].shape[-2], args[1]
+            old = seen.get(path, (0, 0))
+            seen[path] = (max(old[0], nq), max(old[1], nk))
+
+        handles.append(module.lcaam.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 @pytest.mark.parametrize("name", _meta_candidates())
 def test_meta_model_sites(name: str) -> None:
-    """apply patches exactly the supported attention modules of model `name`."""
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name)
-    except Exception as error:  # timm's own construction, before lcaam_patch is involved
-        pytest.skip(f"timm cannot build {name} on meta: {type(error).__name__}: {error}")
+    """apply patches exactly the supported attention modules of model `name` with default
+    options, and each generator is as wide as the most key tokens its attention gets in a
+    forward at the model's default input size (a wider one would be dead weight, a narrower
+    one would fail)."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
     expected = [path for path, module in model.named_modules() if type(module) in SUPPORTED]
     if not expected:
         with pytest.raises(NoAttentionFoundError):
             lcaam_patch.apply(model)
         return
-    bound = _grid_bound(model)
-    if bound is None:
-        with pytest.raises(MissingBoundError):
-            lcaam_patch.apply(model)
-        assert not lcaam_patch.is_patched(model)
-        bound = META_MAX_TOKENS
-        lcaam_patch.apply(model, max_tokens=bound)
-    else:
+    with pytest.warns(UserWarning, match="meta device"):
         lcaam_patch.apply(model)
     sites = lcaam_patch.patched_sites(model)
     assert [path for path, _, _ in sites] == expected
     parameters = dict(model.named_parameters())
+    calls = _generator_calls(model.eval(), _default_input(model))
     for path, _, site in sites:
         assert site.adapter is ADAPTER
-        assert site.geometry.max_kv_tokens == bound
         assert parameters[f"{path}.lcaam.layers.0.weight"].is_meta
+        nq, nk = calls[path]
+        assert site.geometry.max_kv_tokens == nk, path
+        assert site.geometry.max_q_tokens == nq, path
 
 
 # --- small real models ----------------------------------------------------------------------
@@ -112,8 +132,11 @@ _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 class Case:
     """A small timm model exercising one supported attention variant.
 
-    `max_tokens` is given for models whose token bound apply cannot infer; `naflex`
-    feeds NaFlex patch dicts with padding, so the attention gets a mask.
+    `name` is a timm model name, or "module:Class" for a model class built directly (no
+    timm config, so no shape probe: such cases give `max_tokens`). `max_tokens` is given
+    to exercise the explicit bound; `naflex` feeds NaFlex patch
+    dicts with padding, so the attention gets a mask; `classes` are the attention classes
+    (module.Class suffixes) the case must patch.
     """
 
     id: str
@@ -122,6 +145,7 @@ class Case:
     image: int = 32
     max_tokens: int | None = None
     naflex: bool = False
+    classes: tuple[str, ...] = ()
 
 
 CASES = [
@@ -137,21 +161,18 @@ CASES = [
         "pit_ti_224",
         dict(img_size=64, depth=[1, 1, 1]),
         image=64,
-        max_tokens=64,
     ),
     Case(
         "crossvit_two_branches",
         "crossvit_tiny_240",
         dict(img_size=48, img_scale=(1, 1), embed_dim=[24, 48], num_heads=[2, 2], depth=[[1, 1]]),
         image=48,
-        max_tokens=64,
     ),
     Case(
         "csatv2_head_dim",
         "csatv2",
         dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), transformer_depths=(0, 0, 1, 1)),
         image=128,
-        max_tokens=64,
     ),
     Case("naflex_padding_mask", "naflexvit_base_patch16_gap", _TINY, max_tokens=64, naflex=True),
     # timm.models.eva.EvaAttention
@@ -162,7 +183,6 @@ CASES = [
         "eva_gated",
         "naflexvit_base_patch16_gap",
         dict(_TINY, attn_type="eva", attn_gated=True),
-        max_tokens=64,
     ),
     # timm.layers.attention.AttentionRope
     Case("vit_rope", "vit_base_patch16_rope_224", _TINY),
@@ -171,13 +191,77 @@ CASES = [
         "vit_base_patch16_sapiens2",
         dict(_TINY, embed_dim=64, num_heads=4, num_kv_heads=2),
     ),
-    Case("qwen3_rope", "qwen3_vit_88m", dict(_TINY, pos_embed_grid_size=4), max_tokens=64),
+    Case("qwen3_rope", "qwen3_vit_88m", dict(_TINY, pos_embed_grid_size=4)),
     Case(
         "rope_gated_padding_mask",
         "naflexvit_base_patch16_gap",
         dict(_TINY, rope_type="axial", attn_gated=True),
         max_tokens=64,
         naflex=True,
+    ),
+    # timm.models.beit.Attention: own relative position bias, and the shared one
+    Case("beit_rel_pos_bias", "beit_base_patch16_224", _TINY, classes=("beit.Attention",)),
+    Case(
+        "beit_shared_rel_pos_bias",
+        "beit_base_patch16_224",
+        dict(_TINY, use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+        classes=("beit.Attention",),
+    ),
+    # timm.models.vision_transformer_relpos.RelPosAttention: own and shared rel_pos
+    Case("relpos", "vit_relpos_small_patch16_224", _TINY, classes=("RelPosAttention",)),
+    Case(
+        "relpos_shared",
+        "vit_srelpos_small_patch16_224",
+        dict(_TINY, rel_pos_dim=32),
+        classes=("RelPosAttention",),
+    ),
+    # window attention: a mask per window, with Swin's shift mask
+    Case(
+        "swin_shifted_windows",
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 2)),
+        classes=("swin_transformer.WindowAttention",),
+    ),
+    Case(
+        "swinv2_cosine_cpb",
+        "swinv2_tiny_window8_256",
+        dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 2)),
+        classes=("swin_transformer_v2.WindowAttention",),
+    ),
+    Case(
+        "davit_windows",
+        "davit_tiny",
+        dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 2), window_size=4),
+        classes=("davit.WindowAttention",),
+    ),
+    # CaiT: class attention (Nq = 1) and talking heads; XCiT's class attention is CaiT's
+    Case(
+        "cait_class_talking_heads",
+        "cait_xxs24_224",
+        dict(_TINY, depth_token_only=2),
+        classes=("ClassAttn", "TalkingHeadAttn"),
+    ),
+    # VOLO: attention over (B, H, W, C) maps and its class attention
+    Case(
+        "volo",
+        "timm.models.volo:VOLO",
+        dict(img_size=64, layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 2, 2, 2)),
+        image=64,
+        max_tokens=17,
+        classes=("volo.Attention", "volo.ClassAttention"),
+    ),
+    # AttentionPoolLatent: the MAP head's latent queries over the tokens
+    Case("siglip_map_head", "vit_base_patch16_siglip_224", _TINY, classes=("AttentionPoolLatent",)),
+    # MaxViT/CoAtNet: channels-last block/grid partitions, NCHW full-map attention
+    Case("maxvit_partitions", "maxvit_rmlp_pico_rw_256", dict(img_size=64), image=64, classes=("AttentionCl",)),
+    Case("coatnet_nchw", "coatnet_pico_rw_224", dict(img_size=64), image=64, classes=("maxxvit.Attention2d",)),
+    # Hiera: mask-unit and global attention with q pooling
+    Case(
+        "hiera_mask_units_q_pool",
+        "hiera_tiny_224",
+        dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
+        image=64,
+        classes=("MaskUnitAttention",),
     ),
 ]
 
@@ -190,7 +274,11 @@ def _build(case: Case, *, fused: bool = True) -> nn.Module:
     tolerance; with these weights a 1% change of any attention output moves them by ~1e-2.
     """
     torch.manual_seed(0)
-    model = timm.create_model(case.name, num_classes=NUM_CLASSES, **case.kwargs)
+    if ":" in case.name:
+        module_name, class_name = case.name.split(":")
+        model = getattr(importlib.import_module(module_name), class_name)(num_classes=NUM_CLASSES, **case.kwargs)
+    else:
+        model = timm.create_model(case.name, num_classes=NUM_CLASSES, **case.kwargs)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 1:  # biases, norm weights, layer scales
@@ -288,3 +376,57 @@ def test_remove_restores_outputs_exactly() -> None:
     assert not lcaam_patch.is_patched(model)
     assert list(model.state_dict()) == keys
     assert torch.equal(restored, reference)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_case_patches_its_attention_classes(case: Case) -> None:
+    """Every attention class a case stands for is patched, with inferred bounds unless given."""
+    model = _apply(_build(case), case)
+    patched = {f"{type(m).__module__}.{type(m).__qualname__}" for _, m, _ in lcaam_patch.patched_sites(model)}
+    for suffix in case.classes:
+        assert any(name.endswith(suffix) for name in patched), (suffix, patched)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_perturbed_generators_change_outputs(case: Case) -> None:
+    """Moving every generator away from identity changes what the model computes."""
+    model = _apply(_build(case).eval(), case)
+    inputs = _inputs(case)
+    with torch.no_grad():
+        reference = model(inputs)
+        torch.manual_seed(2)
+        for name, parameter in _lcaam_parameters(model).items():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+        perturbed = model(inputs)
+    assert torch.isfinite(perturbed).all()
+    assert (perturbed - reference).abs().max() > 1e-3
+
+
+def test_survey_reports_inapplicable_classes() -> None:
+    """survey says why XCiT's cross-covariance and DaViT's channel attention are not patched."""
+    from lcaam_patch.tools.survey import survey
+
+    for name, class_name in [("xcit_nano_12_p16_224", "XCA"), ("davit_tiny", "ChannelAttention")]:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        entries = survey(model)
+        skipped = [e for e in entries if e.class_name.endswith(f".{class_name}")]
+        assert skipped, name
+        assert all(e.status == "inapplicable" and "channels" in e.detail for e in skipped)
+        assert any(e.status == "patch" for e in entries)
+
+
+def test_probe_finds_a_timm_model_inside_a_wrapper_and_leaves_it_as_it_was() -> None:
+    """A CrossViT (no patch grid) inside a user's module gets per-branch bounds; the probe
+    leaves the weights, their device and the training mode alone."""
+    case = next(case for case in CASES if case.id == "crossvit_two_branches")
+    backbone = _build(case).train()
+    wrapper = nn.Sequential(backbone)
+    weights = {name: p.clone() for name, p in backbone.named_parameters()}
+    lcaam_patch.apply(wrapper)
+    widths = {s.geometry.max_kv_tokens for _, _, s in lcaam_patch.patched_sites(wrapper)}
+    assert widths == {1 + (48 // 12) ** 2, 1 + (48 // 16) ** 2}
+    assert all(m.training for m in backbone.modules())
+    for name, p in backbone.named_parameters():
+        if name in weights:
+            assert not p.is_meta and torch.equal(p, weights[name]), name

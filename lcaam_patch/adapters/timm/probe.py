@@ -74,16 +74,28 @@ def _config(module: nn.Module) -> dict[str, Any] | None:
 
 
 def _input_sizes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
-    """(C, H, W) to try: the patch embedding's image size, then the config's input size."""
+    """(C, H, W) to try: the image sizes the model was built for, then its config's."""
     cfg = _config(model)
     assert cfg is not None
     configured = tuple(int(s) for s in cfg["input_size"])
-    sizes = []
-    img_size: Any = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
-        sizes.append((configured[0], *img_size))
-    sizes.append(configured)
-    return tuple(dict.fromkeys(sizes))
+    built: list[Any] = [
+        getattr(getattr(model, "patch_embed", None), "img_size", None),
+        getattr(model, "img_size", None),
+    ]
+    tokens, stride = getattr(model, "tokens_spatial_shape", None), getattr(model, "patch_stride", None)
+    if isinstance(tokens, (tuple, list)) and isinstance(stride, (tuple, list)):  # Hiera
+        built.append(tuple(t * s for t, s in zip(tokens, stride)))
+    sizes = [(configured[0], *pair) for size in built if (pair := _pair(size)) is not None]
+    return tuple(dict.fromkeys([*sizes, configured]))
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    """(H, W) from an int or a pair of ints, None for anything else."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    return None
 
 
 def _run(
