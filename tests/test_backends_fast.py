@@ -291,6 +291,16 @@ def test_triton_refusal_needs_no_lookup_and_compiles_without_graph_breaks(monkey
     assert [s.last_backend for _, _, s in lcaam_patch.patched_sites(model)] == ["triton", "triton"]
 
 
+def test_triton_refuses_a_triton_older_than_declared():
+    from lcaam_patch.backends.triton import triton_refusal
+
+    assert "not installed" in triton_refusal(False, None)
+    assert ">= 3.4, and 3.2.0 is installed" in triton_refusal(True, "3.2.0")
+    assert triton_refusal(True, "3.4.0+git5389ed79") is None
+    assert triton_refusal(True, "3.8.0") is None
+    assert triton_refusal(True, None) is None
+
+
 @needs_triton
 @pytest.mark.slow
 def test_triton_kernels_compile_for_hopper_as_a_real_launch_specialises_them():

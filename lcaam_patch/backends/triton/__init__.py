@@ -8,10 +8,12 @@ imported on the first call, not before.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
 import torch
+from packaging.version import Version
 
 from .. import masking
 from ..call import AttentionCall
@@ -19,10 +21,36 @@ from ..call import AttentionCall
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
-TRITON_FOUND = importlib.util.find_spec("triton") is not None
-"""Whether Triton can be imported: looked up once, when this module is imported, so that
-`refusal` reads a constant (no filesystem lookup per call, nothing for `torch.compile` to
-trace into)."""
+MIN_TRITON = Version("3.4")
+"""The oldest Triton the kernel is declared for (as the `test` extra of pyproject.toml): its
+tests run on 3.8; Triton 3.2's interpreter fails on them (NumPy 2 scalars)."""
+
+
+def installed_triton() -> tuple[bool, str | None]:
+    """Whether Triton can be imported, and its version when a distribution declares one
+    (`triton`, or `pytorch-triton` as PyTorch's nightlies ship it)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, None
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return True, importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return True, None
+
+
+def triton_refusal(found: bool, version: str | None) -> str | None:
+    """Why this Triton cannot serve the kernel (None when it can; an undeclared version is trusted)."""
+    if not found:
+        return f"Triton is not installed (pip install 'triton>={MIN_TRITON}')"
+    if version is not None and Version(version).release < MIN_TRITON.release:
+        return f"the kernel needs Triton >= {MIN_TRITON}, and {version} is installed"
+    return None
+
+
+TRITON_REFUSAL = triton_refusal(*installed_triton())
+"""Read once, when this module is imported, so that `refusal` reads a constant: no filesystem
+lookup per call, and nothing for `torch.compile` to trace into."""
 
 
 def interpreter_enabled() -> bool:
@@ -45,8 +73,8 @@ class TritonBackend:
             return f"the kernel computes fp16, bf16 and fp32, not {call.dtype}"
         if max(call.head_dim, call.value_dim) > MAX_HEAD_DIM:
             return f"the kernel takes head dims up to {MAX_HEAD_DIM}, not {max(call.head_dim, call.value_dim)}"
-        if not TRITON_FOUND:
-            return "Triton is not installed (pip install triton)"
+        if TRITON_REFUSAL is not None:
+            return TRITON_REFUSAL
         if call.device_type == "cuda":
             return None
         if call.device_type == "cpu" and interpreter_enabled():
