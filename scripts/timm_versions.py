@@ -3,7 +3,8 @@
     python scripts/timm_versions.py matrix [VERSION ...]   # default: VERSIONS
     python scripts/timm_versions.py census [--json FILE]
 
-`matrix` creates one virtualenv per timm version under .timm-venvs/ (reused when present),
+`matrix` creates one virtualenv per timm version under $TIMM_VENVS (default
+~/.cache/lcaam-patch/timm-venvs; reused when present),
 installs torch, this package, that timm and pytest into it, runs the vendor sample
 (vendor_tests/test_timm.py without the every-model meta census) and prints a table of
 passed/failed/errors per version; it exits non-zero when any version fails. TORCH picks
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VENVS = ROOT / ".timm-venvs"
+VENVS = Path(os.environ.get("TIMM_VENVS", Path.home() / ".cache" / "lcaam-patch" / "timm-venvs"))
 VERSIONS = ("0.9.16", "1.0.3", "1.0.9", "1.0.15", "1.0.16", "1.0.20", "1.0.31")
 SAMPLE = ("vendor_tests/test_timm.py", "-k", "not test_meta_model_sites")
 
@@ -88,7 +89,7 @@ def matrix(versions: list[str]) -> int:
         status = "pass" if result.returncode == 0 else "FAIL"
         rows.append((version, status, _summary(result.stdout.strip()), time.monotonic() - started))
         print(f"timm {version}: {status} ({log})", flush=True)
-    print(f"\n| timm | result | passed | failed | errors | seconds |\n|---|---|---|---|---|---|")
+    print("\n| timm | result | passed | failed | errors | seconds |\n|---|---|---|---|---|---|")
     for version, status, counts, seconds in rows:
         cells = " | ".join(str(counts.get(k, "-")) for k in ("passed", "failed", "errors"))
         print(f"| {version} | {status} | {cells} | {seconds:.0f} |")
@@ -124,7 +125,7 @@ def census(json_path: str | None) -> int:
             record["patched"] = sorted(
                 {f"{type(m).__module__}.{type(m).__qualname__}" for _, m, _ in lcaam_patch.patched_sites(model)}
             )
-        except Exception as error:  # noqa: BLE001 - the census reports every refusal
+        except Exception as error:  # the census reports every refusal
             record["error"] = f"{type(error).__name__}: {error}"
         records[name] = record
     contains: collections.Counter[str] = collections.Counter()
