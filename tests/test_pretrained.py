@@ -405,6 +405,19 @@ def test_same_versions_load_without_warning(tmp_path):
         lcaam_patch.from_pretrained(fresh_copy(source, tiny_vit), directory)
 
 
+def test_inspect_patches_from_a_saved_directory(tmp_path, capsys):
+    from lcaam_patch.cli import main
+
+    _, directory = saved(tmp_path, mode="global")
+    command = ["inspect", "helpers:tiny_vit", "--input-shape", "1,3,16,16", "--lcaam-dir", str(directory)]
+    assert main(command) == 0
+    assert "shared (blocks.0.attn)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--depth", "2"])
+    assert exited.value.code == 2
+    assert "--lcaam-dir brings its own options and weights" in capsys.readouterr().err
+
+
 def test_lcaam_directory_is_much_smaller_than_the_full_checkpoint(tmp_path):
     _, directory = saved(tmp_path)
     lcaam_bytes = sum(f.stat().st_size for f in directory.iterdir())

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..patching import apply, patched_sites
+from ..pretrained import from_pretrained
 from ..site import generator_of
 from ..state_dict import load_lcaam_state_dict
 from ..tools.capture import capture
@@ -32,6 +33,9 @@ def add_inspect_parser(commands: Any) -> None:
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (timm models know theirs)")
     parser.add_argument("--plot", metavar="DIR", help="write mask heatmaps and attention histograms here")
     parser.add_argument("--lcaam-weights", metavar="PATH", help="LCAAM weights saved with lcaam_state_dict")
+    parser.add_argument(
+        "--lcaam-dir", metavar="DIR", help="patch with the options and weights save_pretrained wrote there"
+    )
     parser.add_argument("--preset", help="a registered preset; the options below override it")
     add_apply_arguments(parser)
     parser.set_defaults(handler=run_inspect)
@@ -135,10 +139,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.preset is not None:
         options["preset"] = args.preset
     model = load_model(args.model)
-    _print_survey(model, options)
-    apply(model, **options)
-    if args.lcaam_weights:
-        load_lcaam_state_dict(model, torch.load(args.lcaam_weights, map_location="cpu"))
+    if args.lcaam_dir:
+        if options or args.lcaam_weights:
+            raise InvalidOptionError(
+                "--lcaam-dir brings its own options and weights; drop the apply options, --preset and --lcaam-weights"
+            )
+        from_pretrained(model, args.lcaam_dir)
+    else:
+        _print_survey(model, options)
+        apply(model, **options)
+        if args.lcaam_weights:
+            load_lcaam_state_dict(model, torch.load(args.lcaam_weights, map_location="cpu"))
     print()
     print(summary(model))
     x = example_input(model, args.input_shape)
