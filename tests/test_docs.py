@@ -98,6 +98,8 @@ def test_readme_options_table_shows_the_config_defaults() -> None:
 
 @pytest.mark.parametrize("command", ["run", "inspect"])
 def test_cli_offers_a_flag_for_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    script = re.search(r'^lcaam-patch = "([\w.:]+)"', _read(ROOT / "pyproject.toml"), re.M)
+    assert script is not None and script.group(1) == "lcaam_patch.cli:main", "the console script is not cli.main"
     text = _help(capsys, command)
     missing = [name for name in FIELDS if not re.search(rf"(?<![\w-])--{name.replace('_', '-')}(?![\w-])", text)]
     assert not missing, f"lcaam-patch {command} --help lacks flags for {missing}"
