@@ -34,7 +34,7 @@ import triton.language as tl
 
 
 # tl.max, tl.sum and tl.zeros are @triton.jit functions decorated once, in the mode Triton
-# was imported in, so one of this file's two modes could not call them. The reductions use
+# was imported in, so one of this file's two modes could not use them. The reductions use
 # combine functions decorated here instead (and tl.full), which exist in both modes.
 @triton.jit
 def _max_combine(a, b):

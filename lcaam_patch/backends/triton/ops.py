@@ -2,7 +2,10 @@
 
 The forward and backward are `torch.library` custom ops (`lcaam::fused_attention_fwd`,
 `lcaam::fused_attention_bwd`), so `torch.compile` keeps them as opaque calls and autograd
-reaches them through `register_autograd`.
+reaches them through `register_autograd`. `forward_launch` and `backward_launches` build
+each launch's arguments (also for the sm_90 compile test, which specialises them as Triton's
+JIT would); the kernels read M from rows aligned to `ALIGN` elements (`kernel_mask`) and
+write dM the same way, without changing the shape of anything the caller sees.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def _rows_aligned(mask: torch.Tensor) -> bool:
     return mask.stride(-1) == 1 and mask.stride(-2) % ALIGN == 0 and mask.stride(0) % ALIGN == 0
 
 
-def _mask_store_shape(mask: torch.Tensor) -> tuple[int, ...]:
+def mask_store_shape(mask: torch.Tensor) -> tuple[int, ...]:
     """Shape of the aligned copy of M (B, Nq, Nk): (B or 1, Nq, Nk rounded up to ALIGN), or
     (0,) when M's rows are aligned already and it is read in place."""
     if _rows_aligned(mask):
@@ -266,7 +269,7 @@ def fused_attention_fwd(
     """Output (B, H, Nq, Dv), fp32 log-sum-exp (B, H, Nq; +inf for fully masked rows) and the
     row-aligned copy of M the kernels read (see `kernel_mask`; empty when M is read in place)."""
     interpret = q.device.type != "cuda"
-    store = mask.new_empty(_mask_store_shape(mask))
+    store = mask.new_empty(mask_store_shape(mask))
     if store.numel():
         store[..., : mask.shape[-1]].copy_(mask[: store.shape[0]])
     launch, out, lse = forward_launch(
@@ -290,7 +293,7 @@ def _fused_attention_fwd_fake(
     return (
         _head_major_empty(q, v.shape[-1]),
         q.new_empty(q.shape[:-1], dtype=torch.float32),
-        mask.new_empty(_mask_store_shape(mask)),
+        mask.new_empty(mask_store_shape(mask)),
     )
 
 
