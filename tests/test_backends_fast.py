@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from torch import nn
 
 import lcaam_patch
