@@ -26,6 +26,7 @@ from .errors import (
     AlreadyPatchedError,
     ForwardReplacedError,
     InvalidOptionError,
+    LCAAMError,
     NoAttentionFoundError,
     NotAModuleError,
     NotPatchedError,
@@ -279,22 +280,51 @@ def looks_like_attention(module: nn.Module) -> bool:
     return _ATTENTION_LIKE.search(type(module).__name__) is not None
 
 
-def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One module an adapter claims, and what `apply` with a config would do with it.
+
+    Attributes:
+        path, module, adapter: where the module is, the module, the adapter that claims it.
+        geometry: what the adapter reads off it; None when the options leave it out.
+        refusal: the error the adapter raises for it under these options, if any.
+    """
+
+    path: str
+    module: nn.Module
+    adapter: Adapter
+    geometry: SiteGeometry | None
+    refusal: LCAAMError | None = None
+
+
+def claims(model: nn.Module, config: LCAAMConfig) -> list[Claim]:
+    """Walk `model` and ask the registered adapters (highest priority first) about each
+    module: the dry run of `apply` that `_plan`, `survey` and `from_pretrained` share.
+    Changes nothing; an adapter's refusal is recorded, not raised."""
     adapters = list(registered_adapters().values())
-    planned: list[_PlannedSite] = []
-    claimed_paths: set[str] = set()
+    found: list[Claim] = []
     for path, module in model.named_modules():
         adapter = claimant(adapters, module, path, model)
         if adapter is None:
             continue
-        claimed_paths.add(path)
-        geometry = site_geometry(path, module, adapter, model, config)
-        if geometry is not None:
-            planned.append(_PlannedSite(path, module, adapter, geometry))
+        try:
+            found.append(Claim(path, module, adapter, site_geometry(path, module, adapter, model, config)))
+        except LCAAMError as error:
+            found.append(Claim(path, module, adapter, None, error))
+    return found
+
+
+def _plan(model: nn.Module, config: LCAAMConfig) -> list[_PlannedSite]:
+    claimed = claims(model, config)
+    refused = next((c.refusal for c in claimed if c.refusal is not None), None)
+    if refused is not None:
+        raise refused
+    planned = [_PlannedSite(c.path, c.module, c.adapter, c.geometry) for c in claimed if c.geometry is not None]
     if config.backend != "auto" and planned:
         _check_backend(config, planned[0].module)
     if not planned:
-        raise NoAttentionFoundError(_nothing_found_message(model, config, adapters, claimed_paths))
+        adapters = list(registered_adapters().values())
+        raise NoAttentionFoundError(_nothing_found_message(model, config, adapters, {c.path for c in claimed}))
     if config.mode == "global":
         _group_into_stacks(planned)
     return planned
@@ -433,6 +463,7 @@ def _patch(
         fusion=config.fusion,
         backend=config.backend,
         stack=site.stack,
+        config=config,
     )
     setattr(module, SITE_ATTR, patched)
     module.forward = functools.partial(patched_forward, module)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from torch import nn
 from .backends import AttentionCall, AttentionResult, LowRankMask, run
 from .errors import GlobalModeError
 from .generators import LCAAMGenerator, LowRankGenerator, MaskGenerator
+
+if TYPE_CHECKING:
+    from .config import LCAAMConfig
 
 GENERATOR_NAME = "lcaam"
 SITE_ATTR = "_lcaam_site"
@@ -111,6 +114,7 @@ class LCAAMSite:
         geometry: widths and token bounds read by the adapter.
         fusion, backend: how M is fused and which backend computes the attention.
         stack: the shared mask in `mode="global"`, else None.
+        config: the options `apply` patched it with (None in models pickled by 0.1.0).
         adapter_state: what the adapter's `prepare` returned, for its `restore`.
         last_backend: the backend that computed the latest call (None before the first).
     """
@@ -124,6 +128,7 @@ class LCAAMSite:
         fusion: str,
         backend: str,
         stack: StackMask | None = None,
+        config: LCAAMConfig | None = None,
     ) -> None:
         self.path = path
         self.adapter = adapter
@@ -131,12 +136,16 @@ class LCAAMSite:
         self.fusion = fusion
         self.backend = backend
         self.stack = stack
+        self.config = config
         self.adapter_state: Any = None
         self.recorder: Recorder | None = None
         self.last_backend: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "recorder": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"config": None, **state})
 
     @property
     def owns_generator(self) -> bool:

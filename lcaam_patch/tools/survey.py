@@ -8,8 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..adapters import registered_adapters
-from ..errors import LCAAMError
-from ..patching import claimant, looks_like_attention, require_module, resolve_config, site_geometry
+from ..patching import claims, looks_like_attention, require_module, resolve_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +44,12 @@ def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> li
     config = resolve_config(preset, options)
     adapters = list(registered_adapters().values())
     inapplicable = {cls: f"{a.name}: {why}" for a in reversed(adapters) for cls, why in a.inapplicable().items()}
+    claimed = {claim.path: claim for claim in claims(model, config)}
     entries = []
     for path, module in model.named_modules():
         class_name = f"{type(module).__module__}.{type(module).__qualname__}"
-        adapter = claimant(adapters, module, path, model)
-        if adapter is None:
+        claim = claimed.get(path)
+        if claim is None:
             if type(module) in inapplicable:
                 entries.append(SurveyEntry(path, class_name, None, "inapplicable", inapplicable[type(module)]))
             elif looks_like_attention(module):
@@ -57,15 +57,14 @@ def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> li
                     SurveyEntry(path, class_name, None, "unclaimed", "no registered adapter patches this class")
                 )
             continue
-        try:
-            geometry = site_geometry(path, module, adapter, model, config)
-        except LCAAMError as error:
-            entries.append(SurveyEntry(path, class_name, adapter.name, "error", str(error)))
-            continue
-        if geometry is None:
+        name = claim.adapter.name
+        if claim.refusal is not None:
+            entries.append(SurveyEntry(path, class_name, name, "error", str(claim.refusal)))
+        elif claim.geometry is None:
             why = "left out by targets/exclude, or by its adapter under these options"
-            entries.append(SurveyEntry(path, class_name, adapter.name, "filtered", why))
+            entries.append(SurveyEntry(path, class_name, name, "filtered", why))
         else:
+            geometry = claim.geometry
             bound = f"{geometry.max_q_tokens or '-'}×{geometry.max_kv_tokens}"
-            entries.append(SurveyEntry(path, class_name, adapter.name, "patch", f"{geometry.kind}, Nq×Nk ≤ {bound}"))
+            entries.append(SurveyEntry(path, class_name, name, "patch", f"{geometry.kind}, Nq×Nk ≤ {bound}"))
     return entries
