@@ -130,6 +130,45 @@ def _bert() -> Family:
     )
 
 
+def _bert_decoder() -> Family:
+    """BERT as a causal decoder with cross-attention over padded encoder states."""
+    memory_mask = torch.ones(2, 7, dtype=torch.long)
+    memory_mask[1, -3:] = 0
+
+    def inputs() -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": _ids(),
+            "encoder_hidden_states": torch.randn(2, 7, 64),
+            "encoder_attention_mask": memory_mask,
+        }
+
+    def repad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        padded = (memory_mask == 0).unsqueeze(-1)
+        noise = torch.randn_like(inputs["encoder_hidden_states"])
+        return {**inputs, "encoder_hidden_states": torch.where(padded, noise, inputs["encoder_hidden_states"])}
+
+    return Family(
+        build=lambda impl: transformers.BertLMHeadModel(
+            transformers.BertConfig(
+                vocab_size=V,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+                is_decoder=True,
+                add_cross_attention=True,
+                attn_implementation=impl,
+            )
+        ),
+        inputs=inputs,
+        output=lambda out: out.logits,
+        pad=repad,
+        sites=4,
+        since="5.0",
+    )
+
+
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -286,6 +325,7 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen3": lambda: _causal_lm("Qwen3", head_dim=16),
     "gpt2": _gpt2,
     "bert": _bert,
+    "bert-decoder": _bert_decoder,
     "vit": _vit,
     "clip": _clip,
     "siglip": _siglip,
@@ -495,11 +535,19 @@ def test_what_cannot_be_honoured_is_refused_at_apply(build: Callable[[], nn.Modu
 
 
 def test_switching_the_implementation_after_apply_is_refused() -> None:
+    """At the switch (set_attn_implementation), and at the next forward when the config
+    was edited directly; after remove the switch works again."""
     model: Any = lcaam_patch.apply(_llama())
-    model.set_attn_implementation("eager")
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"applied under attn_implementation='sdpa'.*remove"):
+        model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation_internal = "eager"
     with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"switched from 'sdpa' to 'eager'.*remove"):
         model(_ids(1, 5))
     lcaam_patch.remove(model)
+    assert "set_attn_implementation" not in vars(model)
+    model.set_attn_implementation("sdpa")
     lcaam_patch.apply(model)
     assert model(_ids(1, 5)).logits.isfinite().all()
 
@@ -726,3 +774,36 @@ def test_inspect_a_transformers_model_given_as_module_function(tmp_path: Any, mo
     assert len(re.findall(claimed + ": self, Nq×Nk ≤ 17×17", out)) == 2
     assert len(re.findall(r"\S+  transformers  self  17×17  ", out)) == 2
     assert "Cost of one forward pass on input (2, 3, 32, 32)" in out
+
+
+def test_cross_attention_sites_are_cross() -> None:
+    model = lcaam_patch.apply(FAMILIES["bert-decoder"]().build("sdpa"))
+    kinds = {path: site.geometry.kind for path, _, site in lcaam_patch.patched_sites(model)}
+    assert sorted(kinds.values()) == ["cross", "cross", "self", "self"]
+    assert all(kind == "cross" for path, kind in kinds.items() if "crossattention" in path)
+
+
+def test_global_mode_generates_the_same_with_and_without_cache() -> None:
+    model = _llama()
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model, mode="global")
+    assert sum(site.owns_generator for _, _, site in lcaam_patch.patched_sites(model)) == 1
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    _perturb(model)
+    _assert_same_generation(_generate(model, ids), _generate(model, ids, use_cache=False))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = lcaam_patch.apply(_llama())
+    _perturb(model)
+    checkpointed: Any = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = _ids()
+    _train_step(model, ids)
+    _train_step(checkpointed, ids)
+    grads = dict(checkpointed.named_parameters())
+    for name, parameter in model.named_parameters():
+        if lcaam_patch.is_lcaam_key(name):
+            torch.testing.assert_close(grads[name].grad, parameter.grad, atol=1e-6, rtol=1e-5)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import sys
 import threading
@@ -105,6 +106,7 @@ class _State:
 
     original_config: Any
     implementation: str
+    root: nn.Module
     stash: _Stash = dataclasses.field(default_factory=_Stash)
 
 
@@ -243,15 +245,22 @@ class TransformersAdapter(Adapter):
     def prepare(self, module: nn.Module, root: nn.Module) -> _State:
         """Give `module` its own config copy that dispatches to LCAAM's attention function."""
         _register_attention_function()
-        state = _State(module.config, _model_implementation(module))
+        state = _State(module.config, _model_implementation(module), root)
         own: Any = copy.copy(module.config)
         own._attn_implementation_internal = ATTENTION_FUNCTION
         module.config = own
+        for model in root.modules():
+            if _is_pretrained_model(model) and not _is_guard(vars(model).get(SWITCH)):
+                setattr(model, SWITCH, functools.partial(refuse_switch, model))
         return state
 
     def restore(self, module: nn.Module, state: _State) -> None:
-        """Put the module's original config back."""
+        """Put the module's original config back; drop the switch guards with the last site."""
         module.config = state.original_config
+        if not any(hasattr(m, SITE_ATTR) for m in state.root.modules()):
+            for model in state.root.modules():
+                if _is_guard(vars(model).get(SWITCH)):
+                    delattr(model, SWITCH)
 
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The class's own forward, with the layer input kept for the attention function."""
@@ -293,6 +302,32 @@ def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
             f"silently skip; leave the generators out (LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) "
             f"and train them as they are (modules_to_save=['lcaam'])"
         )
+
+
+SWITCH = "set_attn_implementation"
+
+
+def _is_pretrained_model(module: nn.Module) -> bool:
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return isinstance(base, type) and isinstance(module, base)
+
+
+def _is_guard(value: object) -> bool:
+    return isinstance(value, functools.partial) and value.func is refuse_switch
+
+
+def refuse_switch(model: nn.Module, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
+    """`set_attn_implementation` of a model carrying LCAAM: the same implementation passes,
+    another one is refused."""
+    config: Any = model.config
+    current = config._attn_implementation
+    if attn_implementation == current:
+        return type(model).set_attn_implementation(model, attn_implementation, *args, **kwargs)  # type: ignore[attr-defined]
+    raise UnsupportedModuleError(
+        f"{type(model).__name__} carries LCAAM, applied under attn_implementation={current!r}, whose "
+        f"masks it reads; call lcaam_patch.remove(model) before set_attn_implementation("
+        f"{attn_implementation!r}), then apply again ('eager' or 'sdpa')"
+    )
 
 
 def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
