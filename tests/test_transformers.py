@@ -577,6 +577,20 @@ def test_per_instance_other_models_and_the_config_are_untouched() -> None:
     assert not lcaam_patch.is_patched(other)
 
 
+def _mistral(sliding_window: int) -> nn.Module:
+    config = transformers.MistralConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=sliding_window,
+    )
+    return transformers.MistralForCausalLM(config).eval()
+
+
 def _generate(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None, **options: Any) -> Any:
     """Greedy tokens and their scores (B, steps, vocab)."""
     out = model.generate(
@@ -601,20 +615,7 @@ def _assert_same_generation(a: Any, b: Any) -> None:
 def test_generate_gives_the_same_tokens_with_and_without_cache(sliding_window: int | None) -> None:
     """After LCAAM moved from identity: dynamic and static caches, left padding, sliding
     windows (4 positions, so the 14-token sequences overflow them)."""
-    if sliding_window is None:
-        model = _llama()
-    else:
-        config = transformers.MistralConfig(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            sliding_window=sliding_window,
-        )
-        model = transformers.MistralForCausalLM(config).eval()
+    model = _llama() if sliding_window is None else _mistral(sliding_window)
     lcaam_patch.apply(model)
     _perturb(model)
     ids, mask = _ids(2, 6), torch.ones(2, 6, dtype=torch.long)
@@ -633,19 +634,32 @@ def test_generate_encoder_decoder_with_cache() -> None:
     _assert_same_generation(_generate(model, ids), _generate(model, ids, use_cache=False))
 
 
-def test_lowrank_works_without_cache_and_is_refused_with_one() -> None:
-    model = _llama()
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_lowrank_generates_the_same_with_and_without_cache(sliding_window: int | None) -> None:
+    """generator='lowrank' reads the key tokens: the adapter keeps the layer inputs of the
+    cached positions beside the KV cache (dynamic, static, sliding)."""
+    model = _llama() if sliding_window is None else _mistral(sliding_window)
     reference = copy.deepcopy(model)
     lcaam_patch.apply(model, generator="lowrank", rank=2)
-    ids = _ids()
+    ids, mask = _ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
-    _perturb(model, 0.3)
+    _perturb(model)
     with torch.no_grad():
         assert (model(ids).logits - reference(ids).logits).abs().max() > 1e-3
-    assert _generate(model, ids[:1], use_cache=False)[0].shape == (1, L + 8)
-    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"lowrank.*KV cache.*use_cache=False"):
-        _generate(model, ids[:1])
+    without = _generate(model, ids, mask, use_cache=False)
+    _assert_same_generation(_generate(model, ids, mask), without)
+    _assert_same_generation(_generate(model, ids, mask, cache_implementation="static"), without)
+
+
+def test_lowrank_refuses_a_cache_filled_before_apply() -> None:
+    model = _llama()
+    ids = _ids(1, 6)
+    past = model(ids, use_cache=True).past_key_values
+    lcaam_patch.apply(model, generator="lowrank")
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match="holds 6 positions of which LCAAM saw 0"):
+        model(ids[:, -1:], past_key_values=past)
 
 
 def _lora(**options: Any) -> Any:

@@ -29,8 +29,12 @@ Refused at apply, with the reason: model-level implementations other than eager/
 (flash, flex, paged), logit soft-capping, attention sinks, classes that call attention
 once per chunk (`cu_seqlens`) or take separate query/key/value inputs, inferred token
 bounds above `MAX_INFERRED_TOKENS` (pass `max_kv_tokens` or `generator="lowrank"`).
-Refused at call: a model-level implementation switched after apply, and a lowrank
-generator on self-attention keys that come from a cache (it would need past tokens).
+Refused at call: a model-level implementation switched after apply (`set_attn_implementation`
+is refused at once), and a lowrank generator on a KV cache filled before apply.
+
+A lowrank generator reads the key tokens, which a KV cache does not keep: the instance
+forward keeps the layer inputs of every position of each cache it sees (beside it, freed
+with it) and hands the generator those of the cached slots.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import functools
 import inspect
 import sys
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -68,7 +73,11 @@ _CROSS_NAMES = ("cross", "encoder_attn", "encdecattention")
 
 @dataclasses.dataclass
 class _Call:
-    """What the instance forward keeps for the attention function of the same call."""
+    """What the instance forward keeps for the attention function of the same call.
+
+    `kv_tokens` are the key tokens of a cross-attention, or, for a generator that reads
+    them, the tokens of the cached positions `offset...` followed by `x` (self-attention).
+    """
 
     x: torch.Tensor
     kv_tokens: torch.Tensor | None
@@ -76,11 +85,39 @@ class _Call:
     from_cache: bool
 
 
+@dataclasses.dataclass
+class _CachedLayer:
+    """Where a self-attention call stands in its KV cache (`cache.layers[index]`)."""
+
+    cache: Any
+    index: int
+    past: int
+    offset: int
+    static: bool
+
+
 class _Stash:
-    """Per-thread stack of `_Call`s of one module; never pickled or copied."""
+    """Per-thread stack of `_Call`s of one module, and the layer inputs of the positions in
+    each KV cache it has seen (for generators that read key tokens); never pickled or copied."""
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._tokens: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+    def key_tokens(self, layer: _CachedLayer, x: torch.Tensor, path: str) -> torch.Tensor:
+        """The layer inputs of positions `layer.offset...`: the kept ones, then `x`."""
+        per_layer = self._tokens.setdefault(layer.cache, {})
+        kept = per_layer.get(layer.index) if layer.past else None
+        count = 0 if kept is None else kept.shape[-2]
+        if count < layer.past:
+            raise UnsupportedModuleError(
+                f"{path!r}: generator='lowrank' reads the key tokens, but the KV cache holds "
+                f"{layer.past} positions of which LCAAM saw {count} (a cache filled before "
+                f"lcaam_patch.apply or elsewhere); start from an empty cache, or use generator='mlp'"
+            )
+        tokens = x if kept is None else torch.cat([kept[:, : layer.past], x], dim=-2)
+        per_layer[layer.index] = tokens
+        return tokens[:, layer.offset :]
 
     @property
     def calls(self) -> list[_Call]:
@@ -283,8 +320,13 @@ class TransformersAdapter(Adapter):
             )
         kv_tokens = next((arguments[n] for n in _KEY_TOKEN_ARGUMENTS if arguments.get(n) is not None), None)
         cache = next((arguments[n] for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
-        offset, from_cache = (0, False) if kv_tokens is not None else _cached_keys(module, cache, x.shape[-2])
-        state.stash.calls.append(_Call(x, kv_tokens, offset, from_cache))
+        layer = None if kv_tokens is not None else _cached_layer(module, cache, x.shape[-2])
+        call = _Call(x, kv_tokens, 0, False)
+        if layer is not None:
+            call.offset, call.from_cache = layer.offset, bool(layer.past) or layer.static
+            if getattr(module._modules.get(GENERATOR_NAME), "reads_key_tokens", False):
+                call.kv_tokens, call.offset = state.stash.key_tokens(layer, x, site.path), 0
+        state.stash.calls.append(call)
         try:
             return type(module).forward(module, *args, **kwargs)
         finally:
@@ -338,24 +380,25 @@ def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str,
     return bound
 
 
-def _cached_keys(module: nn.Module, cache: Any, num_queries: int) -> tuple[int, bool]:
-    """(offset, whether keys come from before this call) for a self-attention call."""
+def _cached_layer(module: nn.Module, cache: Any, num_queries: int) -> _CachedLayer | None:
+    """The KV-cache layer of a self-attention call, before this call's update; None without one."""
     if cache is None:
-        return 0, False
+        return None
     cache = getattr(cache, "self_attention_cache", cache)
     layers = getattr(cache, "layers", None)
     index = getattr(module, "layer_idx", None)
-    if not isinstance(layers, (list, tuple)) or not isinstance(index, int) or index >= len(layers):
-        return 0, False
+    if not isinstance(layers, (list, tuple)) or not isinstance(index, int):
+        return None
+    if index >= len(layers):  # created on its first update: empty
+        return _CachedLayer(cache, index, 0, 0, False)
     layer = layers[index]
-    static = "Static" in type(layer).__name__
     past = int(layer.get_seq_length()) if getattr(layer, "is_initialized", True) else 0
     sizes = layer.get_mask_sizes
     if "cache_position" in inspect.signature(sizes).parameters:
         offset = sizes(torch.arange(past, past + num_queries))[1]
     else:
         offset = sizes(num_queries)[1]
-    return int(offset), past > 0 or static
+    return _CachedLayer(cache, index, past, int(offset), "Static" in type(layer).__name__)
 
 
 def _refuse_unsupported(module: nn.Module, path: str) -> None:
@@ -503,12 +546,21 @@ def lcaam_attention_function(
         wanted = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(wanted) and num_queries > 1
     attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
-    mask = site.mask(module, call.x, call.offset + num_keys, call.kv_tokens)
-    if isinstance(mask, LowRankMask) and call.kv_tokens is None and (call.from_cache or num_keys != call.x.shape[-2]):
+    kv_tokens = call.kv_tokens
+    if kv_tokens is not None and kv_tokens.shape[-2] != num_keys:
+        if kv_tokens.shape[-2] > num_keys:
+            raise UnsupportedModuleError(
+                f"{site.path!r} got {num_keys} keys for {kv_tokens.shape[-2]} key tokens; a KV cache "
+                f"LCAAM cannot follow (e.g. cropped): start from an empty cache"
+            )
+        # a static cache's slots after the filled ones: hard-masked, so their M never counts
+        kv_tokens = torch.nn.functional.pad(kv_tokens, (0, 0, 0, num_keys - kv_tokens.shape[-2]))
+    mask = site.mask(module, call.x, call.offset + num_keys, kv_tokens)
+    if isinstance(mask, LowRankMask) and kv_tokens is None and (call.from_cache or num_keys != call.x.shape[-2]):
         raise UnsupportedModuleError(
-            f"{site.path!r}: generator='lowrank' reads the key tokens, but these keys come from the "
-            f"KV cache, which keeps no tokens; run without a cache (use_cache=False, "
-            f"generate(..., use_cache=False)) or use generator='mlp'"
+            f"{site.path!r}: generator='lowrank' reads the key tokens, but these keys come from a "
+            f"KV cache LCAAM cannot follow ({type(module).__name__} gave no cache layers); run "
+            f"without a cache (use_cache=False) or use generator='mlp'"
         )
     if call.offset:
         assert isinstance(mask, torch.Tensor)
