@@ -821,3 +821,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     for name, parameter in model.named_parameters():
         if lcaam_patch.is_lcaam_key(name):
             torch.testing.assert_close(grads[name].grad, parameter.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_family_off_the_attention_interface_is_not_claimed() -> None:
+    """Bloom computes attention in its own code: nothing to patch, and the error says so."""
+    config = transformers.BloomConfig(vocab_size=V, hidden_size=64, n_layer=1, n_head=4)
+    with pytest.raises(lcaam_patch.NoAttentionFoundError, match="BloomAttention"):
+        lcaam_patch.apply(transformers.BloomModel(config))
