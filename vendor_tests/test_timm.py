@@ -63,7 +63,7 @@ def _meta_candidates() -> list[str]:
     """Every registered timm model whose module reaches a supported attention class."""
     reaching = _modules_reaching(SUPPORTED)
     families = [m for m in timm.list_modules() if f"timm.models.{m}" in reaching]
-    return sorted(timm.list_models(module=families))
+    return sorted({name for family in families for name in timm.list_models(module=family)})
 
 
 def _default_input(model: nn.Module) -> torch.Tensor:
@@ -262,6 +262,52 @@ CASES = [
         dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
         image=64,
         classes=("MaskUnitAttention",),
+    ),
+    # Swin v2 CR: cosine attention with a meta-network bias, shift mask
+    Case(
+        "swinv2_cr_shifted_windows",
+        "swinv2_cr_tiny_224",
+        dict(img_size=(32, 32), window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 2)),
+        classes=("WindowMultiHeadAttention",),
+    ),
+    # LeViT: attention biases, subsampled queries; linear and conv layouts
+    Case(
+        "levit_biases_downsample",
+        "levit_128s",
+        dict(img_size=64),
+        image=64,
+        classes=("levit.Attention", "levit.AttentionDownsample"),
+    ),
+    Case(
+        "levit_conv",
+        "levit_conv_128s",
+        dict(img_size=64),
+        image=64,
+        classes=("levit.Attention", "levit.AttentionDownsample"),
+    ),
+    Case("tiny_vit_biases", "tiny_vit_5m_224", {}, image=64, classes=("tiny_vit.Attention",)),
+    Case("fastvit_nchw", "fastvit_sa12", dict(layers=(1, 1, 1, 1)), image=64, classes=("fastvit.Attention",)),
+    Case(
+        "nest_blocks",
+        "timm.models.nest:Nest",
+        dict(img_size=32, embed_dims=(32, 32, 32), num_heads=(2, 2, 2), depths=(1, 1, 1)),
+        max_tokens=64,
+        classes=("nest.Attention",),
+    ),
+    Case(
+        "caformer",
+        "caformer_s18",
+        {},
+        image=64,
+        classes=("metaformer.Attention",),
+    ),
+    Case("pvt_v2_spatial_reduction", "pvt_v2_b0", {}, image=64, classes=("pvt_v2.Attention",)),
+    Case(
+        "pvt_v2_linear_pool",
+        "pvt_v2_b0",
+        dict(linear=True, depths=(1, 1, 1, 1)),
+        image=64,
+        classes=("pvt_v2.Attention",),
     ),
 ]
 

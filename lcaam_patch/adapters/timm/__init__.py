@@ -1,7 +1,7 @@
 """The timm adapter: one registered adapter, `TimmAdapter`, over families of timm attention
 classes (one module each): ViT-style attention (`vit`), window attention (`windows`), class
 attention, talking heads and latent pooling (`token_attention`), feature-map and mask-unit
-attention (`feature_maps`).
+attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`).
 
 Token bounds come from the user's max_tokens/max_kv_tokens where given; else from the
 module (window sizes) or a ViT root's patch grid; else from the shape probe (`probe`): one
@@ -21,10 +21,19 @@ from ...site import LCAAMSite, SiteGeometry
 from ..base import Adapter
 from .family import Family, Location, imported
 from .feature_maps import Attention2dFamily, AttentionClFamily, HieraFamily
+from .hybrids import (
+    FastVitFamily,
+    LevitDownsampleFamily,
+    LevitFamily,
+    MetaFormerFamily,
+    NestFamily,
+    PvtV2Family,
+    TinyVitFamily,
+)
 from .probe import TokenCounter, probed_tokens
 from .token_attention import ClassAttnFamily, LatentPoolFamily, TalkingHeadFamily, VoloClassFamily, VoloFamily
 from .vit import BeitFamily, PlainFamily, RelPosFamily
-from .windows import DavitFamily, SwinFamily, SwinV2Family
+from .windows import DavitFamily, SwinFamily, SwinV2CrFamily, SwinV2Family
 
 FAMILIES: tuple[Family, ...] = (
     PlainFamily(),
@@ -32,6 +41,7 @@ FAMILIES: tuple[Family, ...] = (
     RelPosFamily(),
     SwinFamily(),
     SwinV2Family(),
+    SwinV2CrFamily(),
     DavitFamily(),
     ClassAttnFamily(),
     TalkingHeadFamily(),
@@ -41,6 +51,13 @@ FAMILIES: tuple[Family, ...] = (
     Attention2dFamily(),
     AttentionClFamily(),
     HieraFamily(),
+    LevitFamily(),
+    LevitDownsampleFamily(),
+    TinyVitFamily(),
+    FastVitFamily(),
+    NestFamily(),
+    MetaFormerFamily(),
+    PvtV2Family(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

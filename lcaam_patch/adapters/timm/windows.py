@@ -93,3 +93,26 @@ class DavitFamily(SequenceFamily):
         q, k, v = split_heads(module.qkv(x), module.num_heads)
         out, _ = site.attend(module, x, q, k, v, scale=module.scale)
         return module.proj(out.transpose(1, 2).reshape(B_, N, C))
+
+
+class SwinV2CrFamily(SequenceFamily):
+    """`swin_transformer_v2_cr.WindowMultiHeadAttention`: cosine attention, meta-network
+    position bias, shift mask."""
+
+    locations = (("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"),)
+
+    def static_tokens(self, module: Any, root: nn.Module) -> tuple[int, int] | None:
+        """The window's tokens."""
+        return _window_tokens(module)
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Swin v2 CR's forward with LCAAM attention."""
+        Bw, L, _C = x.shape
+        heads = module.num_heads
+        q, k, v = split_heads(module.qkv(x), heads)
+        logit_scale = torch.clamp(module.logit_scale.reshape(1, heads, 1, 1), max=math.log(1.0 / 0.01)).exp()
+        q = F.normalize(q, dim=-1) * logit_scale
+        k = F.normalize(k, dim=-1)
+        bias = _with_shift_mask(module._relative_positional_encodings(), mask, Bw)
+        out, _ = site.attend(module, x, q, k, v, scale=1.0, attn_mask=bias, dropout_p=dropout_p(module))
+        return module.proj_drop(module.proj(out.transpose(1, 2).reshape(Bw, L, -1)))
