@@ -4,8 +4,8 @@ A directory written by `save_pretrained` holds two files:
 
 - `lcaam.safetensors`: the generator weights, keyed as in the patched `model.state_dict()`
   (`blocks.0.attn.lcaam.layers.0.weight`), in the dtype they had; no upstream weight.
-- `lcaam.json`: the options of `apply` that re-create the sites, the preset if one was
-  named, each site (path, adapter, geometry, whether it owns a generator), the adapters
+- `lcaam.json`: the options of `apply` that re-create the sites (the config the sites
+  record), the preset if one was named, each site (path, adapter, geometry, whether it owns a generator), the adapters
   with their upstream versions, the library version, and each weight's dtype and shape.
 
 `from_pretrained` patches an unpatched model with those options and loads the weights;
@@ -14,9 +14,7 @@ it checks the files, the sites and the weights before it touches the model.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
 import json
 import os
 import warnings
@@ -30,20 +28,19 @@ from torch import nn
 
 from .adapters import registered_adapters
 from .config import LCAAMConfig
-from .errors import AlreadyPatchedError, InvalidOptionError, LCAAMError, StateDictError, UnknownAdapterError
-from .generators import LCAAMGenerator, LowRankGenerator, MaskGenerator
+from .errors import AlreadyPatchedError, InvalidOptionError, StateDictError, UnknownAdapterError
 from .patching import (
+    Claim,
     apply,
-    claimant,
+    claims,
     is_patched,
     patched_sites,
     remove,
     require_module,
     require_patched,
     resolve_config,
-    site_geometry,
 )
-from .site import GENERATOR_NAME, SiteGeometry, generator_of
+from .site import GENERATOR_NAME, LCAAMSite, SiteGeometry
 from .state_dict import lcaam_state_dict, load_lcaam_state_dict
 from .version import __version__
 
@@ -53,7 +50,6 @@ FORMAT = "lcaam_patch"
 FORMAT_VERSION = 1
 
 _Sites = dict[str, tuple[str, SiteGeometry]]
-_Found = dict[str, tuple[str, SiteGeometry | str]]
 
 
 def save_pretrained(
@@ -61,19 +57,17 @@ def save_pretrained(
 ) -> Path:
     """Write the LCAAM weights of a patched `model` and what re-creates them to `directory`.
 
-    The options of `apply` are read off the model. Pass `preset` and the options you gave
-    `apply` to record them as given (needed only where the model cannot tell them, e.g. a
-    token bound an adapter does not infer); they must re-create the model's sites exactly.
-    Only LCAAM weights are written. Returns the directory.
+    The options recorded are the config `apply` patched the sites with (`LCAAMSite.config`).
+    A config does not name its preset: pass `preset` (with the options you gave `apply`) to
+    record it; they must resolve to that config. A model pickled by lcaam-patch 0.1.0 records
+    no config and is refused with a StateDictError that says how to re-apply it (its options
+    are not reconstructed). Only LCAAM weights are written. Returns the directory.
     """
     require_patched(model, "save_pretrained")
-    sites = _patched(model)
-    skeleton = _unpatched_skeleton(model)
-    if preset is None and not options:
-        config = _read_config(model, skeleton, sites)
-    else:
-        config = resolve_config(preset, options)
-        _check_reproduces(model, skeleton, config, sites)
+    sites = patched_sites(model)
+    config = _config_of(sites)
+    if preset is not None or options:
+        _check_given(resolve_config(preset, options), config)
     state = lcaam_state_dict(model)
     meta = sorted(key for key, value in state.items() if value.is_meta)
     if meta:
@@ -82,8 +76,6 @@ def save_pretrained(
             f"(model.to_empty(...), then lcaam_patch.reset_generators(model) or training) before saving"
         )
     weights = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    owners = {path for path, module, _ in patched_sites(model) if generator_of(module) is not None}
-    adapters = {name for name, _ in sites.values()}
     registry = registered_adapters()
     document = {
         "format": FORMAT,
@@ -93,12 +85,17 @@ def save_pretrained(
         "preset": preset,
         "config": _config_to_json(config),
         "sites": [
-            {"path": path, "adapter": name, "geometry": dataclasses.asdict(geometry), "owns_generator": path in owners}
-            for path, (name, geometry) in sites.items()
+            {
+                "path": path,
+                "adapter": site.adapter.name,
+                "geometry": dataclasses.asdict(site.geometry),
+                "owns_generator": site.owns_generator,
+            }
+            for path, _, site in sites
         ],
         "adapters": {
             name: {"distribution": registry[name].distribution, "version": registry[name].installed_version()}
-            for name in sorted(adapters)
+            for name in sorted({site.adapter.name for _, _, site in sites})
         },
         "weights": {key: {"dtype": str(value.dtype), "shape": list(value.shape)} for key, value in weights.items()},
     }
@@ -130,7 +127,7 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> nn.M
     config = _config_from_json(document["config"], source)
     _check_adapters(document, source)
     saved: _Sites = {site["path"]: (site["adapter"], site["geometry"]) for site in document["sites"]}
-    _compare_sites(saved, _would_patch(model, config), document, model, source)
+    _compare_sites(saved, claims(model, config), document, model, source)
     _warn_versions(document, source)
     apply(model, **{field.name: getattr(config, field.name) for field in dataclasses.fields(config)})
     try:
@@ -145,125 +142,36 @@ def _class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def _patched(model: nn.Module) -> _Sites:
-    return {path: (site.adapter.name, site.geometry) for path, _, site in patched_sites(model)}
-
-
-def _unpatched_skeleton(model: nn.Module) -> nn.Module | None:
-    """A copy of the patched `model` with LCAAM removed and every parameter and buffer on
-    `meta` (no weight is copied), for dry runs of `apply`; None if the model cannot be copied."""
-    memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        meta = tensor.detach().to("meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    try:
-        skeleton = copy.deepcopy(model, memo)
-        remove(skeleton)
-    except Exception:  # an attribute deepcopy cannot copy, or a forward replaced after apply
-        return None
-    return skeleton
-
-
-def _would_patch(model: nn.Module, config: LCAAMConfig) -> _Found:
-    """The sites `apply(model, **config)` would patch in the unpatched `model`, by path, with
-    adapter name and geometry (or why the adapter refuses the module); changes nothing."""
-    adapters = list(registered_adapters().values())
-    found: _Found = {}
-    for path, module in model.named_modules():
-        adapter = claimant(adapters, module, path, model)
-        if adapter is None:
-            continue
-        try:
-            geometry = site_geometry(path, module, adapter, model, config)
-        except LCAAMError as error:
-            found[path] = (adapter.name, f"refused: {error}")
-            continue
-        if geometry is not None:
-            found[path] = (adapter.name, geometry)
-    return found
-
-
-def _first_generator(model: nn.Module) -> LCAAMGenerator:
-    return next(g for _, m, _ in patched_sites(model) if (g := generator_of(m)) is not None)
-
-
-def _first_layers(model: nn.Module) -> nn.ModuleList:
-    """The Linear stack that reads the query tokens, of the first generator of `model`."""
-    generator = _first_generator(model)
-    if isinstance(generator, MaskGenerator):
-        return generator.layers
-    if isinstance(generator, LowRankGenerator):
-        return generator.query
-    raise StateDictError(
-        f"save_pretrained knows MaskGenerator and LowRankGenerator, not {type(generator).__name__}; "
-        f"save this model's LCAAM with lcaam_state_dict(model) instead"
-    )
-
-
-def _generator_options(model: nn.Module) -> dict[str, Any]:
-    """The options of `apply` that shaped the generators and sites of `model`."""
-    layers = _first_layers(model)
-    generator = _first_generator(model)
-    site = patched_sites(model)[0][2]
-    options: dict[str, Any] = {
-        "mode": "global" if site.stack is not None else "multilayer",
-        "fusion": site.fusion,
-        "backend": site.backend,
-        "depth": len(layers),
-        "hidden": layers[0].out_features if len(layers) > 1 else None,
-    }
-    if isinstance(generator, MaskGenerator):
-        options.update(generator="mlp", activation=generator.activation, init=generator.init)
-    elif isinstance(generator, LowRankGenerator):
-        options.update(generator="lowrank", rank=generator.rank, init=generator.init)
-    return options
-
-
-def _read_config(model: nn.Module, skeleton: nn.Module | None, sites: _Sites) -> LCAAMConfig:
-    """The config that re-creates the sites of `model`, checked by a dry run on `skeleton`:
-    the generators' options, the fewest token bounds that give the sites' bounds (none when
-    the adapters infer them), and targets naming the sites only when not every supported
-    module is patched."""
-    options = _generator_options(model)
-    geometries = [geometry for _, geometry in sites.values()]
-    q_bounds = {g.max_q_tokens for g in geometries}
-    kv_bounds = {g.max_kv_tokens for g in geometries}
-    bounds: list[dict[str, Any]] = [{}]
-    if len(q_bounds) == 1 and len(kv_bounds) == 1:
-        (max_q,), (max_kv,) = q_bounds, kv_bounds
-        bounds += [{"max_kv_tokens": max_kv}, {"max_tokens": max_q}, {"max_tokens": max_q, "max_kv_tokens": max_kv}]
-    targets = tuple(_escape(path) for path in sites)
-    for bound in bounds:
-        for restrict in ({}, {"targets": targets}):
-            config = LCAAMConfig.from_options({**options, **bound, **restrict})
-            if skeleton is not None and _would_patch(skeleton, config) == sites:
-                return config
-    raise StateDictError(
-        "save_pretrained cannot read the options of apply off this model (its adapters do not "
-        "infer the token bounds the sites have, or the model cannot be copied for a dry run); "
-        "pass the options you gave apply: lcaam_patch.save_pretrained(model, directory, max_tokens=..., ...)"
-    )
-
-
-def _check_reproduces(model: nn.Module, skeleton: nn.Module | None, config: LCAAMConfig, sites: _Sites) -> None:
-    """Refuse options given to `save_pretrained` that would not re-create `model`'s LCAAM
-    (the sites are checked when the model could be copied for a dry run)."""
-    expected = _generator_options(model)
-    width = _first_layers(model)[0].in_features
-    given = {**dataclasses.asdict(config), "hidden": (config.hidden or width) if config.depth > 1 else None}
-    differing = sorted(key for key, value in expected.items() if given[key] != value)
-    found = sites if skeleton is None else _would_patch(skeleton, config)
-    if found != sites or differing:
-        detail = f"options {differing} differ" if differing else f"they patch {sorted(found)}, not {sorted(sites)}"
-        raise InvalidOptionError(
-            f"the options given to save_pretrained do not re-create this model's sites ({detail}); "
-            f"pass the preset and options given to apply, or none to read them off the model"
+def _config_of(sites: list[tuple[str, nn.Module, LCAAMSite]]) -> LCAAMConfig:
+    """The one config the `sites` were patched with, which each of them records."""
+    recorded = [site.config for _, _, site in sites]
+    if None in recorded:
+        raise StateDictError(
+            "this model's sites record no options of apply (it was pickled by lcaam-patch 0.1.0); "
+            "re-apply them, keeping the trained weights: state = lcaam_patch.lcaam_state_dict(model); "
+            "lcaam_patch.remove(model); lcaam_patch.apply(model, <the options you gave apply>); "
+            "lcaam_patch.load_lcaam_state_dict(model, state); then save_pretrained(model, directory)"
         )
+    configs = {config for config in recorded if config is not None}
+    if len(configs) > 1:
+        raise StateDictError(
+            "this model's sites were patched by several apply calls with different options (on its "
+            "submodules), and lcaam.json holds one set; save each patched submodule on its own, or "
+            "remove them and apply once to the whole model"
+        )
+    (config,) = configs
+    return config
 
 
-def _escape(path: str) -> str:
-    """`path` as a glob pattern that matches it alone."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+def _check_given(given: LCAAMConfig, config: LCAAMConfig) -> None:
+    """Refuse a preset and options given to `save_pretrained` that are not the model's `config`."""
+    differing = [f.name for f in dataclasses.fields(config) if getattr(given, f.name) != getattr(config, f.name)]
+    if differing:
+        raise InvalidOptionError(
+            f"the options given to save_pretrained do not re-create this model's sites (options "
+            f"{differing} differ from those apply patched it with); pass the preset and options "
+            f"given to apply, or none to record the model's own"
+        )
 
 
 def _config_to_json(config: LCAAMConfig) -> dict[str, Any]:
@@ -392,8 +300,16 @@ def _check_adapters(document: dict[str, Any], source: Path) -> None:
         )
 
 
-def _compare_sites(saved: _Sites, found: _Found, document: dict[str, Any], model: nn.Module, source: Path) -> None:
-    """Refuse a model whose sites under the saved options are not the saved ones."""
+def _compare_sites(
+    saved: _Sites, claimed: list[Claim], document: dict[str, Any], model: nn.Module, source: Path
+) -> None:
+    """Refuse a model whose sites under the saved options (`claimed`) are not the saved ones."""
+    found: dict[str, tuple[str, SiteGeometry | str]] = {}
+    for claim in claimed:
+        if claim.refusal is not None:
+            found[claim.path] = (claim.adapter.name, f"refused: {claim.refusal}")
+        elif claim.geometry is not None:
+            found[claim.path] = (claim.adapter.name, claim.geometry)
     missing = [path for path in saved if path not in found]
     extra = [path for path in found if path not in saved]
     differing = [path for path in saved if path in found and found[path] != saved[path]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -172,12 +173,12 @@ def test_json_records_options_sites_adapters_and_versions(tmp_path):
     assert document["weights"]["blocks.0.attn.lcaam.layers.1.weight"] == {"dtype": "torch.float32", "shape": [17, 32]}
 
 
-def test_options_read_off_the_model_re_create_it(tmp_path):
+def test_the_options_apply_patched_with_are_recorded_and_re_create_it(tmp_path):
     model = lcaam_patch.apply(tiny_vit(), targets="blocks.1.*", depth=3, hidden=8, init="default")
     lcaam_patch.save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "lcaam.json").read_text())["config"]
     assert (config["targets"], config["depth"], config["hidden"], config["init"]) == (
-        ["blocks.1.attn"],
+        ["blocks.1.*"],
         3,
         8,
         "default",
@@ -194,7 +195,7 @@ class Toy(nn.Module):
 
 class ToyAdapter(lcaam_patch.Adapter):
     """Its sites see one register token more than the `max_tokens` given (default 4), so
-    the bound cannot be read back off the model."""
+    the bound cannot be read back off the geometry."""
 
     name = "toy"
 
@@ -211,20 +212,48 @@ class ToyAdapter(lcaam_patch.Adapter):
         return out.squeeze(1)
 
 
-def test_options_the_model_cannot_tell_are_asked_for_then_recorded(tmp_path, monkeypatch):
+def test_options_the_geometry_cannot_tell_are_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_ADAPTERS", dict(registry.registered_adapters()))
     lcaam_patch.register_adapter(ToyAdapter())
     source = lcaam_patch.apply(nn.Sequential(Toy(), Toy()), max_tokens=7)
     perturb(source)
-    with pytest.raises(
-        StateDictError, match=r"pass the options you gave apply: .*save_pretrained\(model, directory, max"
-    ):
-        lcaam_patch.save_pretrained(source, tmp_path)
-    lcaam_patch.save_pretrained(source, tmp_path, max_tokens=7)
+    lcaam_patch.save_pretrained(source, tmp_path)
+    assert json.loads((tmp_path / "lcaam.json").read_text())["config"]["max_tokens"] == 7
     x = torch.randn(2, 8, 4)
     model = lcaam_patch.from_pretrained(fresh_copy(source, lambda: nn.Sequential(Toy(), Toy())), tmp_path)
     assert torch.equal(model(x), source(x))
     assert lcaam_patch.patched_sites(model)[0][2].geometry.max_kv_tokens == 8
+
+
+def test_a_model_pickled_by_0_1_0_is_refused_with_how_to_re_apply(tmp_path, monkeypatch):
+    source = lcaam_patch.apply(tiny_vit(), depth=2).eval()
+    perturb(source)
+    # 0.1.0 sites had no config: pickle them without it
+    monkeypatch.setattr(
+        lcaam_patch.LCAAMSite, "__getstate__", lambda site: {k: v for k, v in vars(site).items() if k != "config"}
+    )
+    model = pickle.loads(pickle.dumps(source))
+    assert all(site.config is None for _, _, site in lcaam_patch.patched_sites(model))
+    with pytest.raises(StateDictError, match=r"pickled by lcaam-patch 0.1.0\); re-apply them"):
+        lcaam_patch.save_pretrained(model, tmp_path / "lcaam")
+    assert not tmp_path.joinpath("lcaam").exists()
+    state = lcaam_patch.lcaam_state_dict(model)
+    lcaam_patch.remove(model)
+    lcaam_patch.apply(model, depth=2)
+    lcaam_patch.load_lcaam_state_dict(model, state)
+    lcaam_patch.save_pretrained(model, tmp_path / "lcaam")
+    loaded = lcaam_patch.from_pretrained(fresh_copy(source, tiny_vit), tmp_path / "lcaam")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), source(x))
+
+
+def test_sites_patched_by_several_applies_are_refused(tmp_path):
+    model = encoder()
+    lcaam_patch.apply(model.layers[0], max_tokens=6)
+    lcaam_patch.apply(model.layers[1], max_tokens=8)
+    with pytest.raises(StateDictError, match="several apply calls with different options"):
+        lcaam_patch.save_pretrained(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_options_that_do_not_re_create_the_model_are_refused(tmp_path):
