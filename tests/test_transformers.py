@@ -790,6 +790,7 @@ def test_inspect_a_transformers_model_given_as_module_function(tmp_path: Any, mo
     assert "Cost of one forward pass on input (2, 3, 32, 32)" in out
 
 
+@pytest.mark.skipif(VERSION < Version("5.0"), reason="BERT uses the attention interface from transformers 5")
 def test_cross_attention_sites_are_cross() -> None:
     model = lcaam_patch.apply(FAMILIES["bert-decoder"]().build("sdpa"))
     kinds = {path: site.geometry.kind for path, _, site in lcaam_patch.patched_sites(model)}
