@@ -829,3 +829,25 @@ def test_a_family_off_the_attention_interface_is_not_claimed() -> None:
     config = transformers.BloomConfig(vocab_size=V, hidden_size=64, n_layer=1, n_head=4)
     with pytest.raises(lcaam_patch.NoAttentionFoundError, match="BloomAttention"):
         lcaam_patch.apply(transformers.BloomModel(config))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_bfloat16_identity_and_padded_keys_weigh_zero(implementation: str) -> None:
+    """finfo.min masks of a bfloat16 model stay hard; eager returns the weights upstream
+    returns, exactly 0 on padded keys whatever the generator says."""
+    model = _llama(attn_implementation=implementation).to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model)
+    ids, mask = _ids(), _padding(left=True)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits[mask.bool()]
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], expected, atol=1e-2, rtol=2e-2)
+    _perturb(model, 2.0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    assert out.logits.isfinite().all()
+    if implementation == "eager":
+        for weights in out.attentions:
+            assert weights.dtype == torch.bfloat16
+            assert torch.equal(weights[1, :, 3:, :3], torch.zeros_like(weights[1, :, 3:, :3]))
+            assert torch.equal(weights[0].triu(1), torch.zeros_like(weights[0]))
