@@ -851,3 +851,21 @@ def test_bfloat16_identity_and_padded_keys_weigh_zero(implementation: str) -> No
             assert weights.dtype == torch.bfloat16
             assert torch.equal(weights[1, :, 3:, :3], torch.zeros_like(weights[1, :, 3:, :3]))
             assert torch.equal(weights[0].triu(1), torch.zeros_like(weights[0]))
+
+
+def test_a_patched_model_pickles_and_deep_copies() -> None:
+    import pickle
+
+    model = lcaam_patch.apply(_llama())
+    _perturb(model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        with torch.no_grad():
+            torch.testing.assert_close(copied(ids).logits, expected, atol=0, rtol=0)
+        lcaam_patch.remove(copied)
+        assert all(
+            not hasattr(m, "set_attn_implementation") or "set_attn_implementation" not in vars(m)
+            for m in copied.modules()
+        )
