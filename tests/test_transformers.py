@@ -861,11 +861,10 @@ def test_a_patched_model_pickles_and_deep_copies() -> None:
     ids = _ids()
     with torch.no_grad():
         expected = model(ids).logits
-    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+    copies: list[Any] = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    for copied in copies:
         with torch.no_grad():
             torch.testing.assert_close(copied(ids).logits, expected, atol=0, rtol=0)
         lcaam_patch.remove(copied)
-        assert all(
-            not hasattr(m, "set_attn_implementation") or "set_attn_implementation" not in vars(m)
-            for m in copied.modules()
-        )
+        assert all("set_attn_implementation" not in vars(m) for m in copied.modules())
+        assert all(layer.self_attn.config is copied.config for layer in copied.model.layers)
