@@ -774,6 +774,14 @@ def tiny_vit():
         image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
     )
     return transformers.ViTModel(config)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
 """
 
 
@@ -788,6 +796,17 @@ def test_inspect_a_transformers_model_given_as_module_function(tmp_path: Any, mo
     assert len(re.findall(claimed + ": self, Nq×Nk ≤ 17×17", out)) == 2
     assert len(re.findall(r"\S+  transformers  self  17×17  ", out)) == 2
     assert "Cost of one forward pass on input (2, 3, 32, 32)" in out
+
+
+def test_inspect_a_text_model_feeds_it_token_ids(tmp_path: Any, monkeypatch: Any, capsys: Any) -> None:
+    from lcaam_patch.cli import main
+
+    (tmp_path / "tiny_hf_models.py").write_text(INSPECT_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "tiny_hf_models:tiny_llama", "--input-shape", "2,9"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"model\.layers\.\d\.self_attn\s+transformers\s+self\s+64×64", out)) == 2
+    assert "Cost of one forward pass on input (2, 9)" in out
 
 
 @pytest.mark.skipif(VERSION < Version("5.0"), reason="BERT uses the attention interface from transformers 5")

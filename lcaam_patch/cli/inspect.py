@@ -67,7 +67,15 @@ def load_model(target: str) -> nn.Module:
 
 
 def example_input(model: nn.Module, shape: str | None) -> torch.Tensor:
-    """Random input of `shape`, or of the input size a timm model declares."""
+    """Random input of `shape`, or of the input size a timm model declares.
+
+    A model whose main input is token ids (a transformers text model) gets random ids below
+    its vocabulary size, of shape `shape` (default 1,16).
+    """
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if getattr(model, "main_input_name", None) == "input_ids" and isinstance(vocab_size, int):
+        sizes = [int(n) for n in shape.split(",")] if shape else [1, 16]
+        return torch.randint(0, vocab_size, sizes)
     if shape:
         return torch.randn(*(int(n) for n in shape.split(",")))
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
