@@ -22,6 +22,7 @@ from ..base import Adapter
 from .family import Family, Location, imported
 from .feature_maps import Attention2dFamily, AttentionClFamily, HieraFamily
 from .hybrids import (
+    EfficientFormerFamily,
     FastVitFamily,
     LevitDownsampleFamily,
     LevitFamily,
@@ -29,6 +30,10 @@ from .hybrids import (
     NestFamily,
     PvtV2Family,
     TinyVitFamily,
+    TntFamily,
+    TwinsGlobalFamily,
+    TwinsLocalFamily,
+    VisformerFamily,
 )
 from .probe import TokenCounter, probed_tokens
 from .token_attention import ClassAttnFamily, LatentPoolFamily, TalkingHeadFamily, VoloClassFamily, VoloFamily
@@ -58,6 +63,11 @@ FAMILIES: tuple[Family, ...] = (
     NestFamily(),
     MetaFormerFamily(),
     PvtV2Family(),
+    TwinsLocalFamily(),
+    TwinsGlobalFamily(),
+    TntFamily(),
+    VisformerFamily(),
+    EfficientFormerFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

@@ -1,11 +1,13 @@
 """Attention of the hybrid and efficient ViTs: LeViT (`levit.Attention`,
 `levit.AttentionDownsample`), TinyViT (`tiny_vit.Attention`), FastViT (`fastvit.Attention`),
-NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`) and PVT-v2 (`pvt_v2.Attention`).
+NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`), PVT-v2 (`pvt_v2.Attention`),
+Twins (`twins.LocallyGroupedAttn`, `twins.GlobalSubSampleAttn`), TNT (`tnt.Attention`),
+Visformer (`visformer.Attention`) and EfficientFormer (`efficientformer.Attention`).
 
 LeViT and TinyViT add learned per-head attention biases, passed after fusion; LeViT's
-downsampling attention and PVT-v2's spatial reduction attend from the (subsampled) queries
-to other key tokens, so the generator reads the queries and a lowrank one the keys. NesT
-attends within image blocks, folded into the batch (a mask per block).
+downsampling attention and the spatial reduction of PVT-v2 and Twins attend from the (subsampled) queries
+to other key tokens, so the generator reads the queries and a lowrank one the keys. NesT and
+Twins' local attention attend within blocks, folded into the batch (a mask per block).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...site import LCAAMSite
@@ -232,3 +235,115 @@ class PvtV2Family(Family):
         k, v = module.kv(keys).reshape(B, -1, 2, heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out, _ = site.attend(module, x, q, k, v, scale=module.scale, dropout_p=dropout_p(module), kv_tokens=keys)
         return module.proj_drop(module.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class TwinsLocalFamily(Family):
+    """Twins' `LocallyGroupedAttn`: windows of `ws`×`ws` (zero-padded) folded into the batch."""
+
+    locations = (("timm.models.twins", "LocallyGroupedAttn"),)
+
+    def static_tokens(self, module: Any, root: nn.Module) -> tuple[int, int] | None:
+        """The window's tokens."""
+        n = int(module.ws) ** 2
+        return n, n
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """The window's tokens."""
+        n = int(module.ws) ** 2
+        return n, n
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor, size: Any) -> torch.Tensor:
+        """LocallyGroupedAttn's forward with LCAAM attention."""
+        B, N, C = x.shape
+        H, W = size
+        ws = module.ws
+        grid = F.pad(x.view(B, H, W, C), (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
+        Hp, Wp = grid.shape[1:3]
+        rows, cols = Hp // ws, Wp // ws
+        windows = grid.reshape(B, rows, ws, cols, ws, C).transpose(2, 3).reshape(B * rows * cols, ws * ws, C)
+        q, k, v = split_heads(module.qkv(windows), module.num_heads)
+        out, _ = site.attend(module, windows, q, k, v, scale=module.scale, dropout_p=dropout_p(module))
+        out = out.transpose(1, 2).reshape(B, rows, cols, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        out = out[:, :H, :W, :].reshape(B, N, C)
+        return module.proj_drop(module.proj(out))
+
+
+class TwinsGlobalFamily(PvtV2Family):
+    """Twins' `GlobalSubSampleAttn`: every token attends to the sr-reduced tokens."""
+
+    locations = (("timm.models.twins", "GlobalSubSampleAttn"),)
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """Every token a query; the reduced map's positions as keys."""
+        x = first(args, kwargs)
+        size = args[1] if len(args) > 1 else kwargs["size"]
+        return x.shape[1], self._keys(module, x, size).shape[1]
+
+    @staticmethod
+    def _keys(module: Any, x: torch.Tensor, size: Any) -> torch.Tensor:
+        if module.sr is None:
+            return x
+        B, _N, C = x.shape
+        return module.norm(module.sr(x.permute(0, 2, 1).reshape(B, C, *size)).reshape(B, C, -1).permute(0, 2, 1))
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor, size: Any) -> torch.Tensor:
+        """GlobalSubSampleAttn's forward with LCAAM attention."""
+        B, N, C = x.shape
+        heads = module.num_heads
+        q = module.q(x).reshape(B, N, heads, C // heads).transpose(1, 2)
+        keys = self._keys(module, x, size)
+        k, v = module.kv(keys).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out, _ = site.attend(module, x, q, k, v, scale=module.scale, dropout_p=dropout_p(module), kv_tokens=keys)
+        return module.proj_drop(module.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class TntFamily(SequenceFamily):
+    """TNT's `Attention` (inner over pixels, outer over patches): a qk and a v projection."""
+
+    locations = (("timm.models.tnt", "Attention"),)
+
+    def embed_dim(self, module: Any) -> int:
+        """The input width of qk."""
+        return _in_width(module.qk)
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """TNT Attention's forward with LCAAM attention."""
+        B, N, _C = x.shape
+        heads = module.num_heads
+        q, k = module.qk(x).reshape(B, N, 2, heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = module.v(x).reshape(B, N, heads, -1).transpose(1, 2)
+        out, _ = site.attend(module, x, q, k, v, scale=module.scale, dropout_p=dropout_p(module))
+        return module.proj_drop(module.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+
+class VisformerFamily(FastVitFamily):
+    """Visformer's `Attention` over (B, C, H, W) maps, 1×1-conv qkv."""
+
+    locations = (("timm.models.visformer", "Attention"),)
+
+    def embed_dim(self, module: Any) -> int:
+        """The input channels of the qkv conv."""
+        return _in_width(module.qkv)
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """Visformer Attention's forward with LCAAM attention."""
+        B, _C, H, W = x.shape
+        q, k, v = module.qkv(x).reshape(B, 3, module.num_heads, module.head_dim, -1).permute(1, 0, 2, 4, 3).unbind(0)
+        tokens = x.flatten(2).transpose(1, 2)
+        out, _ = site.attend(module, tokens, q, k, v, scale=module.scale, dropout_p=dropout_p(module))
+        return module.proj_drop(module.proj(out.permute(0, 1, 3, 2).reshape(B, -1, H, W)))
+
+
+class EfficientFormerFamily(SequenceFamily):
+    """EfficientFormer's `Attention`: attention biases after fusion."""
+
+    locations = (("timm.models.efficientformer", "Attention"),)
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """EfficientFormer Attention's forward with LCAAM attention."""
+        B, N, _C = x.shape
+        dims = [module.key_dim, module.key_dim, module.val_dim]
+        q, k, v = module.qkv(x).reshape(B, N, module.num_heads, -1).transpose(1, 2).split(dims, dim=3)
+        bias = _attention_bias(module, x)
+        out, _ = site.attend(module, x, q, k, v, scale=module.scale, attn_mask=bias)
+        return module.proj(out.transpose(1, 2).reshape(B, N, module.val_attn_dim))

@@ -74,13 +74,15 @@ def _config(module: nn.Module) -> dict[str, Any] | None:
 
 
 def _input_sizes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
-    """(C, H, W) to try: the image sizes the model was built for, then its config's."""
+    """(C, H, W) to try: the image sizes the model (its patch embedding, itself, a child
+    such as TNT's pixel embedding, Hiera's token grid) was built for, then its config's."""
     cfg = _config(model)
     assert cfg is not None
     configured = tuple(int(s) for s in cfg["input_size"])
     built: list[Any] = [
         getattr(getattr(model, "patch_embed", None), "img_size", None),
         getattr(model, "img_size", None),
+        *(getattr(child, "img_size", None) for child in model.children()),
     ]
     tokens, stride = getattr(model, "tokens_spatial_shape", None), getattr(model, "patch_stride", None)
     if isinstance(tokens, (tuple, list)) and isinstance(stride, (tuple, list)):  # Hiera
@@ -133,8 +135,9 @@ def _run(
 
 def _forward_on_meta(model: nn.Module, size: tuple[int, ...]) -> None:
     with torch.no_grad(), torch.device("meta"):
-        x = torch.empty(1, *size)
         tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        x = torch.empty(1, *size, dtype=dtype)
         if all(t.is_meta for t in tensors.values()):
             model(x)
         else:
