@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
 import lcaam_patch
 from lcaam_patch import AttentionCall, LowRankMask, lcaam_attention
 from lcaam_patch.backends import choose

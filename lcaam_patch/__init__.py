@@ -23,6 +23,7 @@ from .backends import (
     LowRankMask,
     lcaam_attention,
     register_backend,
+    unregister_backend,
 )
 from .compat import install_legacy_aliases
 from .config import LCAAMConfig
@@ -117,4 +118,5 @@ __all__ = [
     "summary",
     "survey",
     "unregister_adapter",
+    "unregister_backend",
 ]

@@ -131,6 +131,20 @@ def test_auto_prefers_sdpa_for_add_and_eager_for_mul_or_weights():
     assert choose("auto", AttentionCall(q, k, v, mask, fusion="add", scale=1.0, need_weights=True)) == "eager"
 
 
+def test_a_registered_backend_is_selectable_until_unregistered():
+    from lcaam_patch.backends import EagerBackend
+
+    q, k, v, mask = inputs()
+    lcaam_patch.register_backend("reference_copy", EagerBackend(), priority=-1)
+    try:
+        out, _ = run_named("reference_copy", q, k, v, mask, fusion="mul", scale=0.5)
+        torch.testing.assert_close(out, run_named("eager", q, k, v, mask, fusion="mul", scale=0.5)[0])
+    finally:
+        lcaam_patch.unregister_backend("reference_copy")
+    with pytest.raises(lcaam_patch.InvalidOptionError, match="'reference_copy' is not registered"):
+        lcaam_attention(q, k, v, mask, fusion="mul", scale=0.5, backend="reference_copy")
+
+
 def test_register_backend_rejects_what_is_not_a_backend():
     for bad in (None, object(), lambda call: None):
         with pytest.raises(lcaam_patch.RegistrationError, match="not an AttentionBackend"):

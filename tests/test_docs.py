@@ -242,7 +242,6 @@ def test_the_adapter_guide_example_runs() -> None:
 
 
 def test_the_backend_guide_example_runs() -> None:
-    from lcaam_patch.backends import dispatch
 
     blocks = [body for lang, body in _fenced_blocks(_read(ROOT / "docs" / "backends.md")) if lang == "python"]
     try:
@@ -258,4 +257,4 @@ def test_the_backend_guide_example_runs() -> None:
         with pytest.raises(lcaam_patch.BackendUnavailableError, match="my_add"):
             lcaam_patch.lcaam_attention(q, k, v, m, fusion="mul", scale=0.25, backend="my_add")
     finally:
-        dispatch._BACKENDS.pop("my_add", None)
+        lcaam_patch.unregister_backend("my_add")

@@ -65,7 +65,7 @@ def upstream() -> None:
     missing = missing_dependencies()
     if missing:
         pytest.skip(
-            f'QD-DETR\'s training dependencies are missing ({", ".join(missing)}): pip install -e ".[test,qd_detr]"'
+            f'QD-DETR\'s training dependencies are missing ({", ".join(missing)}): pip install -e ".[test,qd-detr]"'
         )
 
 

@@ -7,7 +7,16 @@ The built-in backends and their priorities for `backend="auto"` are listed in
 from __future__ import annotations
 
 from .call import NEUTRAL, AttentionBackend, AttentionCall, AttentionResult, LowRankMask
-from .dispatch import backend_names, choose, get_backend, lcaam_attention, refusal, register_backend, run
+from .dispatch import (
+    backend_names,
+    choose,
+    get_backend,
+    lcaam_attention,
+    refusal,
+    register_backend,
+    run,
+    unregister_backend,
+)
 from .eager import EagerBackend
 from .flex import FlexBackend
 from .lowrank_sdpa import LowRankSDPABackend
@@ -39,4 +48,5 @@ __all__ = [
     "refusal",
     "register_backend",
     "run",
+    "unregister_backend",
 ]

@@ -36,6 +36,11 @@ def register_backend(name: str, backend: AttentionBackend, priority: int = 0, *,
     _BACKENDS[name] = (priority, backend)
 
 
+def unregister_backend(name: str) -> None:
+    """Forget the backend called `name` (a built-in one too); unknown names are ignored."""
+    _BACKENDS.pop(name, None)
+
+
 def backend_names() -> tuple[str, ...]:
     """Names of the registered backends, highest priority first."""
     return tuple(sorted(_BACKENDS, key=lambda n: -_BACKENDS[n][0]))
