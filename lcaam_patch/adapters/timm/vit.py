@@ -50,9 +50,10 @@ def _apply_rope(
     from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
     npt = module.num_prefix_tokens
-    half = getattr(module, "rotate_half", False)
-    q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
-    k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+    # timm before `rotate_half` existed (< 1.0.20) takes no `half` argument
+    options = {"half": True} if getattr(module, "rotate_half", False) else {}
+    q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, **options)], dim=2)
+    k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, **options)], dim=2)
     return q.type_as(v), k.type_as(v)
 
 
