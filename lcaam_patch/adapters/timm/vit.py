@@ -49,7 +49,7 @@ def _apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
-    npt = module.num_prefix_tokens
+    npt = getattr(module, "num_prefix_tokens", 1)  # timm 0.9's EvaAttention keeps just the first token
     # timm before `rotate_half` existed (< 1.0.20) takes no `half` argument
     options = {"half": True} if getattr(module, "rotate_half", False) else {}
     q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, **options)], dim=2)
