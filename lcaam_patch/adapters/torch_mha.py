@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import masking
 from ..config import LCAAMConfig
 from ..errors import MissingBoundError, UnsupportedModuleError
 from ..site import LCAAMSite, SiteGeometry
@@ -164,12 +165,6 @@ def _project(
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
 
-def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
-
-
 def _merge_masks(
     attn_mask: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
@@ -179,15 +174,15 @@ def _merge_masks(
     S: int,
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """MHA's masks (True = masked, or additive floats) as one additive (B|1, H|1, L, S) mask."""
-    merged = None
+    """MHA's masks (bool with True = masked, or additive floats) as one mask of
+    `AttentionCall`'s convention, broadcastable to (B, H, L, S)."""
     if attn_mask is not None:
-        merged = _as_additive(attn_mask, dtype)
-        merged = merged.view(1, 1, L, S) if merged.dim() == 2 else merged.view(B, H, L, S)
+        attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+        attn_mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
     if key_padding_mask is not None:
-        padding = _as_additive(key_padding_mask, dtype).view(B, 1, 1, S)
-        merged = padding if merged is None else merged + padding
-    return merged
+        key_padding_mask = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask
+        key_padding_mask = key_padding_mask.view(B, 1, 1, S)
+    return masking.combine([attn_mask, key_padding_mask], dtype)
 
 
 adapter = MultiheadAttentionAdapter()

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backends import AttentionCall, LowRankMask
+from ..backends import AttentionCall, LowRankMask, masking
 from ..backends.masking import harden
 from ..config import LCAAMConfig
 from ..errors import MissingBoundError, UnsupportedModuleError
@@ -496,14 +496,8 @@ def _hard(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """The upstream mask with T5's position bias added (both float after fusion)."""
-    if bias is None:
-        return mask
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask + bias
+    """The upstream mask with T5's position bias added (both after fusion)."""
+    return masking.combine([mask, bias], dtype)
 
 
 def lcaam_attention_function(

@@ -24,6 +24,7 @@ The guarantee every backend meets through this module:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -148,6 +149,27 @@ def zero_dead_rows(out: torch.Tensor, upstream: UpstreamMask) -> torch.Tensor:
     """`out` (B, H, Nq, Dv) with the rows of dead queries set to 0."""
     dead = upstream.dead_rows()
     return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def combine(masks: Sequence[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor | None:
+    """Upstream masks in `AttentionCall`'s convention (bool: True = may attend; float: added)
+    as one mask of that convention: bool masks are and-ed; once a float mask is among them,
+    the sum in `dtype`, with -inf where a bool mask hides a key."""
+    given = [m for m in masks if m is not None]
+    if not given:
+        return None
+    if all(m.dtype == torch.bool for m in given):
+        combined = given[0]
+        for mask in given[1:]:
+            combined = combined & mask
+        return combined
+    total: torch.Tensor | None = None
+    for mask in given:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        mask = mask.to(dtype)
+        total = mask if total is None else total + mask
+    return total
 
 
 def harden(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:
