@@ -7,7 +7,7 @@
 ~/.cache/lcaam-patch/timm-venvs; reused when present),
 installs torch, this package, that timm and pytest into it, runs the vendor sample
 (vendor_tests/test_timm.py without the every-model meta census) and prints a table of
-passed/failed/errors per version; it exits non-zero when any version fails. TORCH picks
+passed/failed/skipped/errors per version; it exits non-zero when any version fails. TORCH picks
 the torch requirement (default "torch"); PIP_ARGS adds pip options (e.g. an index).
 
 `census` builds every timm model of the installed timm on the meta device, applies LCAAM
@@ -59,8 +59,8 @@ def _environment(version: str, log: Path) -> Path | None:
 
 
 def _summary(output: str) -> dict[str, int]:
-    counts = {"passed": 0, "failed": 0, "errors": 0}
-    for number, word in re.findall(r"(\d+) (passed|failed|errors?)", output.splitlines()[-1] if output else ""):
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output.splitlines()[-1] if output else ""):
         counts["errors" if word.startswith("error") else word] = int(number)
     return counts
 
@@ -89,9 +89,9 @@ def matrix(versions: list[str]) -> int:
         status = "pass" if result.returncode == 0 else "FAIL"
         rows.append((version, status, _summary(result.stdout.strip()), time.monotonic() - started))
         print(f"timm {version}: {status} ({log})", flush=True)
-    print("\n| timm | result | passed | failed | errors | seconds |\n|---|---|---|---|---|---|")
+    print("\n| timm | result | passed | failed | skipped | errors | seconds |\n|---|---|---|---|---|---|---|")
     for version, status, counts, seconds in rows:
-        cells = " | ".join(str(counts.get(k, "-")) for k in ("passed", "failed", "errors"))
+        cells = " | ".join(str(counts.get(k, "-")) for k in ("passed", "failed", "skipped", "errors"))
         print(f"| {version} | {status} | {cells} | {seconds:.0f} |")
     return 0 if all(status == "pass" for _, status, _, _ in rows) else 1
 
