@@ -8,7 +8,9 @@
 installs torch, this package, that timm and pytest into it, runs the vendor sample
 (vendor_tests/test_timm.py without the every-model meta census) and prints a table of
 passed/failed/skipped/errors per version; it exits non-zero when any version fails. TORCH picks
-the torch requirement (default "torch"); PIP_ARGS adds pip options (e.g. an index).
+the torch requirement (default "torch"), TORCH_INDEX the index torch alone comes from (e.g.
+https://download.pytorch.org/whl/cpu, a few hundred MB instead of CUDA's GBs); PIP_ARGS adds
+pip options to every install; --discard deletes each virtualenv after its run (CI disks).
 
 `census` builds every timm model of the installed timm on the meta device, applies LCAAM
 with default options and prints, per attention class, how many models contain it and how
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,8 +54,10 @@ def _environment(version: str, log: Path) -> Path | None:
     if not python.exists():
         venv.create(home, with_pip=True, system_site_packages=False)
     pip = [str(python), "-m", "pip", "install", "-q", *shlex.split(os.environ.get("PIP_ARGS", ""))]
-    torch = os.environ.get("TORCH", "torch")
-    for requirement in ([torch], ["-e", str(ROOT)], [f"timm=={version}", "pytest"]):
+    torch = [os.environ.get("TORCH", "torch")]
+    if os.environ.get("TORCH_INDEX"):
+        torch += ["--index-url", os.environ["TORCH_INDEX"]]
+    for requirement in (torch, ["-e", str(ROOT)], [f"timm=={version}", "pytest"]):
         if _run([*pip, *requirement], log) != 0:
             return None
     return python
@@ -65,8 +70,10 @@ def _summary(output: str) -> dict[str, int]:
     return counts
 
 
-def matrix(versions: list[str]) -> int:
-    """Run the vendor sample under each timm version; print the table; 0 when all pass."""
+def matrix(versions: list[str], discard: bool = False) -> int:
+    """Run the vendor sample under each timm version; print the table; 0 when all pass.
+
+    With `discard`, each virtualenv is deleted after its run."""
     VENVS.mkdir(exist_ok=True)
     rows = []
     for version in versions:
@@ -89,6 +96,8 @@ def matrix(versions: list[str]) -> int:
         status = "pass" if result.returncode == 0 else "FAIL"
         rows.append((version, status, _summary(result.stdout.strip()), time.monotonic() - started))
         print(f"timm {version}: {status} ({log})", flush=True)
+        if discard:
+            shutil.rmtree(python.parent.parent)
     print("\n| timm | result | passed | failed | skipped | errors | seconds |\n|---|---|---|---|---|---|---|")
     for version, status, counts, seconds in rows:
         cells = " | ".join(str(counts.get(k, "-")) for k in ("passed", "failed", "skipped", "errors"))
@@ -155,11 +164,12 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_matrix = commands.add_parser("matrix", help="run the vendor sample under several timm versions")
     run_matrix.add_argument("versions", nargs="*", default=list(VERSIONS))
+    run_matrix.add_argument("--discard", action="store_true", help="delete each virtualenv after its run")
     run_census = commands.add_parser("census", help="count the timm models apply patches, per class")
     run_census.add_argument("--json", help="also write the per-model records here")
     args = parser.parse_args()
     if args.command == "matrix":
-        return matrix(args.versions)
+        return matrix(args.versions, args.discard)
     return census(args.json)
 
 
