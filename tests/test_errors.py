@@ -131,7 +131,7 @@ def test_upstream_version_out_of_range(monkeypatch):
     monkeypatch.setattr(adapter, "installed_version", lambda: "0.1.0")
     model = tiny_vit()
     before = snapshot(model)
-    with pytest.raises(UpstreamVersionError, match=r"timm>=0.3.2,<2 but timm==0.1.0 is installed.*pip install"):
+    with pytest.raises(UpstreamVersionError, match=r"timm>=0.9.16,<2 but timm==0.1.0 is installed.*pip install"):
         lcaam_patch.apply(model)
     assert_unchanged(model, before)
 

@@ -6,7 +6,11 @@ Sites of a `llama.llama_adapter.LLaMA_adapter` model (paths relative to it):
 - `visual_blocks[i].attn`: the timm `Attention` of the visual blocks (the paper's encoder),
   self-attention over `query_len` visual queries and the CLIP tokens. Upstream pins a timm
   0.3.2 fork whose `Attention.forward(x)` takes no mask; timm 1.x gives
-  `timm.layers.attention.Attention` for the same import. Both run through the timm adapter.
+  `timm.layers.attention.Attention` for the same import. Both run through the timm adapter's
+  forward, so this adapter declares its own timm range: the timm adapter's tested range
+  (0.9.16 and later) plus that fork, whose `Attention` has the attributes the forward reads
+  (qkv, num_heads, scale, attn_drop, proj, proj_drop). The fork itself is a git-only install
+  and is not run in the tests; timm 1.0.31 is.
 - `clip.visual.transformer.resblocks[i].attn`: the frozen CLIP encoder's
   `nn.MultiheadAttention`s (sequence-first), run through the `nn.MultiheadAttention` adapter.
 - `llama.layers[i].attention`: LLaMA's causal attention. `TransformerBlock` calls
@@ -80,6 +84,8 @@ class LLaMAAdapterAdapter(Adapter):
 
     name = "llama_adapter"
     priority = 10
+    distribution = "timm"
+    supported_versions = ">=0.3.2,<2"
     presets = {
         "llama_adapter": {"mode": "multilayer", "fusion": "mul", "depth": 16, "targets": VISUAL_TARGETS},
         "llama_adapter_clip": {
@@ -125,7 +131,6 @@ class LLaMAAdapterAdapter(Adapter):
         if kind is _llama_attention_type():
             bound = config.max_tokens or module.args.max_seq_len
             return SiteGeometry(module.wq.in_features, bound, config.max_kv_tokens or bound, "self")
-        _TIMM.check_version()
         query_len: Any = getattr(root, "query_len", None)
         if config.max_tokens is None and not isinstance(query_len, int):
             raise UnsupportedModuleError(

@@ -109,7 +109,7 @@ class TimmAdapter(Adapter):
 
     name = "timm"
     distribution = "timm"
-    supported_versions = ">=0.3.2,<2"
+    supported_versions = ">=0.9.16,<2"
     presets = {
         "timm_vit": {"mode": "multilayer", "fusion": "mul", "depth": 1},
     }

@@ -5,7 +5,8 @@ before 1.0.16 in timm.models.vision_transformer), `AttentionRope`, `eva.EvaAtten
 
 The patched forwards are timm's own with the attention call replaced; every submodule
 (qkv, q_norm/k_norm, rope, scale norm, gate, proj) is the instance's own. Instances of the
-timm 0.3.2 fork (forward(x), no head_dim, no norms) are accepted too. Relative position
+timm 0.3.2 fork that LLaMA-Adapter pins (forward(x), no head_dim, no norms) run through the
+same forward. Relative position
 biases are passed to `site.attend` as its float mask, added after fusion.
 """
 
