@@ -128,6 +128,26 @@ def test_meta_model_sites(name: str) -> None:
 _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
+def _byobnet(self_attn_layer: str, **self_attn_kwargs: Any) -> dict[str, Any]:
+    """ByobNet kwargs for a small net with self-attention blocks at strides 8 (entered with
+    stride 2) and 16, `self_attn_layer` configured by `self_attn_kwargs`."""
+    from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
+
+    blocks = (
+        ByoBlockCfg(type="bottle", d=1, c=32, s=1, br=0.25),
+        ByoBlockCfg(type="self_attn", d=2, c=64, s=2, br=0.25),
+        ByoBlockCfg(type="self_attn", d=1, c=64, s=2, br=0.25),
+    )
+    cfg = ByoModelCfg(
+        blocks=blocks,
+        stem_chs=16,
+        stem_pool="maxpool",
+        self_attn_layer=self_attn_layer,
+        self_attn_kwargs=dict(num_heads=2, **self_attn_kwargs),
+    )
+    return dict(cfg=cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A small timm model exercising one supported attention variant.
@@ -335,6 +355,35 @@ CASES = [
     Case("tnt_inner_outer", "tnt_s_patch16_224", dict(img_size=32), classes=("tnt.Attention",)),
     Case("visformer_nchw", "visformer_tiny", dict(img_size=64), image=64, classes=("visformer.Attention",)),
     Case("efficientformer_biases", "efficientformer_l1", {}, image=224, classes=("efficientformer.Attention",)),
+    # ByobNet: halo blocks (strided query blocks, avg-pool downsampling) and bottleneck attention
+    Case(
+        "halo_strided_blocks",
+        "timm.models.byobnet:ByobNet",
+        _byobnet("halo", block_size=4, halo_size=1),
+        image=64,
+        classes=("HaloAttn",),
+    ),
+    Case(
+        "halo_avg_down_scaled_pos",
+        "timm.models.byobnet:ByobNet",
+        _byobnet("halo", block_size=4, halo_size=1, avg_down=True, scale_pos_embed=True),
+        image=64,
+        classes=("HaloAttn",),
+    ),
+    Case(
+        "bottleneck_attn",
+        "timm.models.byobnet:ByobNet",
+        dict(_byobnet("bottleneck"), img_size=64),
+        image=64,
+        classes=("BottleneckAttn",),
+    ),
+    Case(
+        "bottleneck_attn_scaled_pos",
+        "timm.models.byobnet:ByobNet",
+        dict(_byobnet("bottleneck", scale_pos_embed=True), img_size=64),
+        image=64,
+        classes=("BottleneckAttn",),
+    ),
 ]
 
 

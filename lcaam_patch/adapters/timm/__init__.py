@@ -1,7 +1,8 @@
 """The timm adapter: one registered adapter, `TimmAdapter`, over families of timm attention
 classes (one module each): ViT-style attention (`vit`), window attention (`windows`), class
 attention, talking heads and latent pooling (`token_attention`), feature-map and mask-unit
-attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`).
+attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`), ByobNet's halo and
+bottleneck attention (`byobnet`).
 
 Token bounds come from the user's max_tokens/max_kv_tokens where given; else from the
 module (window sizes) or a ViT root's patch grid; else from the shape probe (`probe`): one
@@ -19,6 +20,7 @@ from ...config import LCAAMConfig
 from ...errors import MissingBoundError
 from ...site import LCAAMSite, SiteGeometry
 from ..base import Adapter
+from .byobnet import BottleneckFamily, HaloFamily
 from .family import Family, Location, imported
 from .feature_maps import Attention2dFamily, AttentionClFamily, HieraFamily
 from .hybrids import (
@@ -68,6 +70,8 @@ FAMILIES: tuple[Family, ...] = (
     TntFamily(),
     VisformerFamily(),
     EfficientFormerFamily(),
+    HaloFamily(),
+    BottleneckFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"
@@ -100,6 +104,11 @@ INAPPLICABLE: tuple[tuple[Location, str], ...] = (
     (
         ("timm.layers.selective_kernel", "SelectiveKernelAttn"),
         "selective-kernel attention weights convolution branches per channel, not tokens",
+    ),
+    (
+        ("timm.layers.lambda_layer", "LambdaLayer"),
+        "lambda layers summarise the keys into linear lambdas (a softmax over positions of k, "
+        "then kᵀv; position lambdas by a convolution): no per-query softmax over keys",
     ),
 )
 
