@@ -148,6 +148,13 @@ def _byobnet(self_attn_layer: str, **self_attn_kwargs: Any) -> dict[str, Any]:
     return dict(cfg=cfg)
 
 
+def _mvitv2(**kwargs: Any) -> Any:
+    """A two-stage MViTv2 config, q pooled by 2 into the second stage, kv by 4 then 2."""
+    from timm.models.mvitv2 import MultiScaleVitCfg
+
+    return MultiScaleVitCfg(depths=(1, 2), embed_dim=16, num_heads=1, stride_q=((1, 1), (2, 2)), **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A small timm model exercising one supported attention variant.
@@ -383,6 +390,23 @@ CASES = [
         dict(_byobnet("bottleneck", scale_pos_embed=True), img_size=64),
         image=64,
         classes=("BottleneckAttn",),
+    ),
+    # MViTv2: conv-pooled q (stride 2 between stages) and kv, relative position logits, residual pooling
+    Case(
+        "mvitv2_pooling",
+        "timm.models.mvitv2:MultiScaleVit",
+        dict(cfg=_mvitv2(), img_size=(64, 64)),
+        image=64,
+        max_tokens=256,
+        classes=("MultiScaleAttention",),
+    ),
+    Case(
+        "mvitv2_cls_max_pool",
+        "timm.models.mvitv2:MultiScaleVit",
+        dict(cfg=_mvitv2(use_cls_token=True, mode="max", residual_pooling=False), img_size=(64, 64)),
+        image=64,
+        max_tokens=257,
+        classes=("MultiScaleAttention",),
     ),
 ]
 
