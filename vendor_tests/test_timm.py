@@ -3,6 +3,7 @@ class (built on the meta device), and exactness and trainability on small real m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import sys
@@ -148,6 +149,32 @@ def _byobnet(self_attn_layer: str, **self_attn_kwargs: Any) -> dict[str, Any]:
     return dict(cfg=cfg)
 
 
+_MULTI_QUERY = "timm.layers.attention2d:MultiQueryAttention2d"
+
+
+def _has(path: str) -> bool:
+    """Whether the installed timm has `path` ("module:attr"; older releases lack newer ones)."""
+    module_name, attr = path.split(":")
+    try:
+        return hasattr(importlib.import_module(module_name), attr)
+    except ImportError:
+        return False
+
+
+def _multi_query_blocks() -> list[list[dict[str, Any]]]:
+    """MobileNet block args: MQA with kv stride 2, then with queries pooled by 2 (upsampled
+    after); none where timm has no MQA blocks (the case is skipped there)."""
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    if not _has(_MULTI_QUERY):
+        return []
+    blocks: list[list[dict[str, Any]]] = decode_arch_def(
+        [["er_r1_k3_s2_e4_c16"], ["mqa_r1_k3_h2_s1_v2_d8_c16", "mqa_r1_k3_h2_s1_d8_c16"], ["cn_r1_k1_s1_c32"]]
+    )
+    blocks[1][1]["query_strides"] = 2
+    return blocks
+
+
 def _mvitv2(**kwargs: Any) -> Any:
     """A two-stage MViTv2 config, q pooled by 2 into the second stage, kv by 4 then 2."""
     from timm.models.mvitv2 import MultiScaleVitCfg
@@ -159,11 +186,12 @@ def _mvitv2(**kwargs: Any) -> Any:
 class Case:
     """A small timm model exercising one supported attention variant.
 
-    `name` is a timm model name, or "module:Class" for a model class built directly (no
-    timm config, so no shape probe: such cases give `max_tokens`). `max_tokens` is given
-    to exercise the explicit bound; `naflex` feeds NaFlex patch
-    dicts with padding, so the attention gets a mask; `classes` are the attention classes
-    (module.Class suffixes) the case must patch.
+        `name` is a timm model name, or "module:Class" for a model class built directly (no
+        timm config, so no shape probe: such cases give `max_tokens`). `max_tokens` is given
+        to exercise the explicit bound; `naflex` feeds NaFlex patch
+        dicts with padding, so the attention gets a mask; `needs` is a "module:attr" the case's
+    parts need where its model exists in older timm; `classes` are the attention classes
+        (module.Class suffixes) the case must patch.
     """
 
     id: str
@@ -172,6 +200,7 @@ class Case:
     image: int = 32
     max_tokens: int | None = None
     naflex: bool = False
+    needs: str | None = None
     classes: tuple[str, ...] = ()
 
 
@@ -408,15 +437,25 @@ CASES = [
         max_tokens=257,
         classes=("MultiScaleAttention",),
     ),
+    # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
+    Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
+    Case(
+        "multi_query_strided_queries",
+        "timm.models.mobilenetv3:MobileNetV3",
+        dict(block_args=_multi_query_blocks(), stem_size=16),
+        image=32,
+        max_tokens=64,
+        needs=_MULTI_QUERY,
+        classes=("MultiQueryAttention2d",),
+    ),
 ]
 
 
 def _available(case: Case) -> bool:
-    """Whether the installed timm has the case's model (older releases lack newer ones)."""
-    if ":" in case.name:
-        module_name, class_name = case.name.split(":")
-        return hasattr(importlib.import_module(module_name), class_name)
-    return bool(timm.is_model(case.name))
+    """Whether the installed timm has the case's model and the parts it needs."""
+    if case.needs is not None and not _has(case.needs):
+        return False
+    return _has(case.name) if ":" in case.name else bool(timm.is_model(case.name))
 
 
 CASE_PARAMS = [
@@ -437,11 +476,12 @@ def _build(case: Case, *, fused: bool = True) -> nn.Module:
     tolerance; with these weights a 1% change of any attention output moves them by ~1e-2.
     """
     torch.manual_seed(0)
+    kwargs = copy.deepcopy(case.kwargs)  # builders may consume their arguments (MobileNet's block args)
     if ":" in case.name:
         module_name, class_name = case.name.split(":")
-        model = getattr(importlib.import_module(module_name), class_name)(num_classes=NUM_CLASSES, **case.kwargs)
+        model = getattr(importlib.import_module(module_name), class_name)(num_classes=NUM_CLASSES, **kwargs)
     else:
-        model = timm.create_model(case.name, num_classes=NUM_CLASSES, **case.kwargs)
+        model = timm.create_model(case.name, num_classes=NUM_CLASSES, **kwargs)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 1:  # biases, norm weights, layer scales

@@ -2,7 +2,8 @@
 classes (one module each): ViT-style attention (`vit`), window attention (`windows`), class
 attention, talking heads and latent pooling (`token_attention`), feature-map and mask-unit
 attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`), ByobNet's halo and
-bottleneck attention (`byobnet`), MViTv2's pooling attention (`mvit`).
+bottleneck attention (`byobnet`), MViTv2's pooling attention (`mvit`),
+multi-query attention over feature maps (`multi_query`).
 
 Token bounds come from the user's max_tokens/max_kv_tokens where given; else from the
 module (window sizes) or a ViT root's patch grid; else from the shape probe (`probe`): one
@@ -37,6 +38,7 @@ from .hybrids import (
     TwinsLocalFamily,
     VisformerFamily,
 )
+from .multi_query import MultiQueryFamily
 from .mvit import MultiScaleAttentionFamily
 from .probe import TokenCounter, probed_tokens
 from .token_attention import ClassAttnFamily, LatentPoolFamily, TalkingHeadFamily, VoloClassFamily, VoloFamily
@@ -74,6 +76,7 @@ FAMILIES: tuple[Family, ...] = (
     HaloFamily(),
     BottleneckFamily(),
     MultiScaleAttentionFamily(),
+    MultiQueryFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"
