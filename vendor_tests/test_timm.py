@@ -437,6 +437,14 @@ CASES = [
         max_tokens=257,
         classes=("MultiScaleAttention",),
     ),
+    # EfficientViT-MSRA: cascaded heads with attention biases, in padded 7×7 windows then one 4×4 map
+    Case(
+        "efficientvit_msra_cascaded",
+        "efficientvit_m0",
+        dict(img_size=128),
+        image=128,
+        classes=("CascadedGroupAttention",),
+    ),
     # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
     Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
     Case(

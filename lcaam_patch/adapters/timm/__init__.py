@@ -25,6 +25,7 @@ from .byobnet import BottleneckFamily, HaloFamily
 from .family import Family, Location, imported
 from .feature_maps import Attention2dFamily, AttentionClFamily, HieraFamily
 from .hybrids import (
+    CascadedGroupFamily,
     EfficientFormerFamily,
     FastVitFamily,
     LevitDownsampleFamily,
@@ -77,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
     BottleneckFamily(),
     MultiScaleAttentionFamily(),
     MultiQueryFamily(),
+    CascadedGroupFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

@@ -2,12 +2,15 @@
 `levit.AttentionDownsample`), TinyViT (`tiny_vit.Attention`), FastViT (`fastvit.Attention`),
 NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`), PVT-v2 (`pvt_v2.Attention`),
 Twins (`twins.LocallyGroupedAttn`, `twins.GlobalSubSampleAttn`), TNT (`tnt.Attention`),
-Visformer (`visformer.Attention`) and EfficientFormer (`efficientformer.Attention`).
+Visformer (`visformer.Attention`), EfficientFormer (`efficientformer.Attention`) and
+EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`).
 
 LeViT and TinyViT add learned per-head attention biases, passed after fusion; LeViT's
 downsampling attention and the spatial reduction of PVT-v2 and Twins attend from the (subsampled) queries
 to other key tokens, so the generator reads the queries and a lowrank one the keys. NesT and
 Twins' local attention attend within blocks, folded into the batch (a mask per block).
+EfficientViT-MSRA's cascaded heads each read the previous head's output plus their own
+channels; one mask, from the module's input tokens, is fused with every head's scores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...backends import AttentionCall
 from ...site import LCAAMSite
 from .family import Family, SequenceFamily, dropout_p, first, split_heads
 
@@ -347,3 +351,44 @@ class EfficientFormerFamily(SequenceFamily):
         bias = _attention_bias(module, x)
         out, _ = site.attend(module, x, q, k, v, scale=module.scale, attn_mask=bias)
         return module.proj(out.transpose(1, 2).reshape(B, N, module.val_attn_dim))
+
+
+class CascadedGroupFamily(Family):
+    """EfficientViT-MSRA's `CascadedGroupAttention` over (B, C, H, W) windows: heads in a
+    cascade, each with a depthwise conv on its queries and attention biases."""
+
+    locations = (("timm.models.efficientvit_msra", "CascadedGroupAttention"),)
+
+    def embed_dim(self, module: Any) -> int:
+        """The input channels of all heads together."""
+        return len(module.qkvs) * _in_width(module.qkvs[0].conv)
+
+    def static_tokens(self, module: Any, root: nn.Module) -> tuple[int, int] | None:
+        """The positions of its window."""
+        return _bias_tokens(module)
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """Every position of the (window's) map."""
+        x = first(args, kwargs)
+        n = x.shape[-2] * x.shape[-1]
+        return n, n
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """CascadedGroupAttention's forward with LCAAM attention: one mask, every head."""
+        B, _C, H, W = x.shape
+        dims = [module.key_dim, module.key_dim, module.val_dim]
+        mask = site.mask(module, x.flatten(2).transpose(1, 2), H * W)
+        bias = module.get_attention_biases(x.device)
+        feats_in = x.chunk(len(module.qkvs), dim=1)
+        feats_out: list[torch.Tensor] = []
+        feat = feats_in[0]
+        for head, (qkv, dws) in enumerate(zip(module.qkvs, module.dws)):
+            if head > 0:
+                feat = feat + feats_in[head]
+            q, k, v = qkv(feat).view(B, -1, H, W).split(dims, dim=1)
+            q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (dws(q), k, v))
+            call = AttentionCall(q, k, v, mask, fusion=site.fusion, scale=module.scale, attn_mask=bias[head])
+            feat = site.run(call).output.squeeze(1).transpose(1, 2).reshape(B, module.val_dim, H, W)
+            feats_out.append(feat)
+        out: torch.Tensor = module.proj(torch.cat(feats_out, 1))
+        return out
