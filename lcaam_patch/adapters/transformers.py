@@ -287,7 +287,8 @@ class TransformersAdapter(Adapter):
         own._attn_implementation_internal = ATTENTION_FUNCTION
         module.config = own
         for model in root.modules():
-            if _is_pretrained_model(model) and not _is_guard(vars(model).get(SWITCH)):
+            switchable = hasattr(type(model), SWITCH)  # transformers < 4.54 has no such method
+            if switchable and _is_pretrained_model(model) and not _is_guard(vars(model).get(SWITCH)):
                 setattr(model, SWITCH, functools.partial(refuse_switch, model))
         return state
 
