@@ -445,6 +445,15 @@ CASES = [
         image=128,
         classes=("CascadedGroupAttention",),
     ),
+    # LowFormer: attention over a conv-downsampled map (stride 2, then 1), upsampled after
+    Case("lowformer_fused_out_proj", "lowformer_b0", {}, image=128, classes=("lowformer.ConvAttention",)),
+    Case(
+        "lowformer_out_proj",
+        "lowformer_b0",
+        dict(fused_conv=False),
+        image=128,
+        classes=("lowformer.ConvAttention",),
+    ),
     # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
     Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
     Case(

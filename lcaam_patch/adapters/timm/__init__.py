@@ -30,6 +30,7 @@ from .hybrids import (
     FastVitFamily,
     LevitDownsampleFamily,
     LevitFamily,
+    LowFormerFamily,
     MetaFormerFamily,
     NestFamily,
     PvtV2Family,
@@ -79,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
     MultiScaleAttentionFamily(),
     MultiQueryFamily(),
     CascadedGroupFamily(),
+    LowFormerFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

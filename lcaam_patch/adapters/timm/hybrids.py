@@ -2,8 +2,9 @@
 `levit.AttentionDownsample`), TinyViT (`tiny_vit.Attention`), FastViT (`fastvit.Attention`),
 NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`), PVT-v2 (`pvt_v2.Attention`),
 Twins (`twins.LocallyGroupedAttn`, `twins.GlobalSubSampleAttn`), TNT (`tnt.Attention`),
-Visformer (`visformer.Attention`), EfficientFormer (`efficientformer.Attention`) and
-EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`).
+Visformer (`visformer.Attention`), EfficientFormer (`efficientformer.Attention`),
+EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`) and LowFormer
+(`lowformer.ConvAttention`).
 
 LeViT and TinyViT add learned per-head attention biases, passed after fusion; LeViT's
 downsampling attention and the spatial reduction of PVT-v2 and Twins attend from the (subsampled) queries
@@ -11,6 +12,8 @@ to other key tokens, so the generator reads the queries and a lowrank one the ke
 Twins' local attention attend within blocks, folded into the batch (a mask per block).
 EfficientViT-MSRA's cascaded heads each read the previous head's output plus their own
 channels; one mask, from the module's input tokens, is fused with every head's scores.
+LowFormer attends over a map downsampled by a strided depthwise conv, whose positions the
+generator reads.
 """
 
 from __future__ import annotations
@@ -392,3 +395,30 @@ class CascadedGroupFamily(Family):
             feats_out.append(feat)
         out: torch.Tensor = module.proj(torch.cat(feats_out, 1))
         return out
+
+
+class LowFormerFamily(Family):
+    """LowFormer's `ConvAttention`: self-attention over the conv-downsampled map, upsampled after."""
+
+    locations = (("timm.models.lowformer", "ConvAttention"),)
+
+    def embed_dim(self, module: Any) -> int:
+        """The input channels of the pointwise qkv conv."""
+        return _in_width(module.pwise)
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """The positions of the downsampled map."""
+        n = module.conv_proj(first(args, kwargs))[0, 0].numel()
+        return n, n
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """ConvAttention's forward with LCAAM attention."""
+        H, W = x.shape[-2:]
+        feats = module.conv_proj(x)
+        B, _C, h, w = feats.shape
+        qkv = module.pwise(feats).reshape(B, module.num_heads, module.num_keys * module.head_dim, h * w)
+        q, k, v = qkv.permute(0, 1, 3, 2).chunk(3, dim=3)
+        out, _ = site.attend(module, feats.flatten(2).transpose(1, 2), q, k, v, scale=module.scale)
+        out = module.o_proj(out.permute(0, 1, 3, 2).reshape(B, module.o_proj_inpdim, h, w))
+        upsampled: torch.Tensor = module.upsampling(out)
+        return upsampled[..., :H, :W]
