@@ -454,6 +454,8 @@ CASES = [
         image=128,
         classes=("lowformer.ConvAttention",),
     ),
+    # AttentionPool2d: the CLIP ResNet head, mean token and positions (position embeddings resampled)
+    Case("clip_resnet_attention_pool", "resnet50_clip", {}, image=64, classes=("AttentionPool2d",)),
     # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
     Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
     Case(
@@ -661,3 +663,27 @@ def test_probe_finds_a_timm_model_inside_a_wrapper_and_leaves_it_as_it_was() -> 
     for name, p in backbone.named_parameters():
         if name in weights:
             assert not p.is_meta and torch.equal(p, weights[name]), name
+
+
+def test_attention_pool2d_fused_qkv_and_class_token() -> None:
+    """AttentionPool2d's fused qkv and class token (no registered model has them): identity
+    reproduces it, perturbed generators change it, every LCAAM parameter gets a gradient."""
+    from timm.layers.attention_pool2d import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(16, feat_size=4, num_heads=2, qkv_separate=False, class_token=True, out_features=8)
+    model = nn.Sequential(pool).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    x = torch.randn(2, 16, 4, 4, dtype=torch.double)
+    with torch.no_grad():
+        reference = model(x)
+        lcaam_patch.apply(model, max_tokens=17, depth=1)
+        torch.testing.assert_close(model(x), reference, rtol=0, atol=1e-9 * reference.abs().max().item())
+        for parameter in _lcaam_parameters(model).values():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+        assert (model(x) - reference).abs().max() > 1e-3
+    model(x).square().sum().backward()
+    for name, parameter in _lcaam_parameters(model).items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

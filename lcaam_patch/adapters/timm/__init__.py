@@ -1,6 +1,6 @@
 """The timm adapter: one registered adapter, `TimmAdapter`, over families of timm attention
 classes (one module each): ViT-style attention (`vit`), window attention (`windows`), class
-attention, talking heads and latent pooling (`token_attention`), feature-map and mask-unit
+attention, talking heads, latent and 2-d attention pooling (`token_attention`), feature-map and mask-unit
 attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`), ByobNet's halo and
 bottleneck attention (`byobnet`), MViTv2's pooling attention (`mvit`),
 multi-query attention over feature maps (`multi_query`).
@@ -43,7 +43,14 @@ from .hybrids import (
 from .multi_query import MultiQueryFamily
 from .mvit import MultiScaleAttentionFamily
 from .probe import TokenCounter, probed_tokens
-from .token_attention import ClassAttnFamily, LatentPoolFamily, TalkingHeadFamily, VoloClassFamily, VoloFamily
+from .token_attention import (
+    AttentionPool2dFamily,
+    ClassAttnFamily,
+    LatentPoolFamily,
+    TalkingHeadFamily,
+    VoloClassFamily,
+    VoloFamily,
+)
 from .vit import BeitFamily, PlainFamily, RelPosFamily
 from .windows import DavitFamily, SwinFamily, SwinV2CrFamily, SwinV2Family
 
@@ -81,6 +88,7 @@ FAMILIES: tuple[Family, ...] = (
     MultiQueryFamily(),
     CascadedGroupFamily(),
     LowFormerFamily(),
+    AttentionPool2dFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

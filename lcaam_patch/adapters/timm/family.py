@@ -27,6 +27,11 @@ def imported(locations: tuple[Location, ...]) -> tuple[type[nn.Module], ...]:
     return tuple(found)
 
 
+def home(module: nn.Module) -> Any:
+    """The timm module that defines the class of `module` (for the helpers its forward calls)."""
+    return sys.modules[type(module).__module__]
+
+
 def bind(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """The values of the forward arguments `names` (after x), None (False for is_causal) when absent."""
     values: dict[str, Any] = dict(zip(names, args))

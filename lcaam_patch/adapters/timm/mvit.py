@@ -11,13 +11,12 @@ the residual pooling (+ the pooled q) after the attention.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
 from ...site import LCAAMSite
-from .family import Family, first
+from .family import Family, first, home
 
 
 def _stride(pool: Any) -> tuple[int, int]:
@@ -39,16 +38,11 @@ def _pooled(module: Any, t: torch.Tensor, feat_size: Any, pool: Any, norm: Any) 
     """timm's pooling (and norm) of one of q, k, v (B, heads, N, head_dim), and its grid size."""
     size = list(feat_size)
     if pool is not None:
-        grid, cls_token = _home(module).reshape_pre_pool(t, feat_size, module.has_cls_token)
-        t, size = _home(module).reshape_post_pool(pool(grid), module.num_heads, cls_token)
+        grid, cls_token = home(module).reshape_pre_pool(t, feat_size, module.has_cls_token)
+        t, size = home(module).reshape_post_pool(pool(grid), module.num_heads, cls_token)
     if norm is not None:
         t = norm(t)
     return t, size
-
-
-def _home(module: Any) -> Any:
-    """The timm module that defines the class of `module` (mvitv2, with its helpers)."""
-    return sys.modules[type(module).__module__]
 
 
 class MultiScaleAttentionFamily(Family):
@@ -78,7 +72,7 @@ class MultiScaleAttentionFamily(Family):
         bias = None
         if module.rel_pos_type == "spatial":
             zeros = q.new_zeros(B, module.num_heads, q.shape[2], k.shape[2])
-            bias = _home(module).cal_rel_pos_type(
+            bias = home(module).cal_rel_pos_type(
                 zeros, q, module.has_cls_token, q_size, k_size, module.rel_pos_h, module.rel_pos_w
             )
         out, _ = site.attend(module, queries, q, k, v, scale=module.scale, attn_mask=bias, kv_tokens=keys)

@@ -1,9 +1,11 @@
-"""CaiT (`ClassAttn`, `TalkingHeadAttn`), VOLO (`Attention`, `ClassAttention`) and
-`AttentionPoolLatent`.
+"""CaiT (`ClassAttn`, `TalkingHeadAttn`), VOLO (`Attention`, `ClassAttention`),
+`AttentionPoolLatent` and `AttentionPool2d`.
 
 Class attention lets the class token (the query, Nq = 1) attend to all tokens; the
 generator reads the class token. `AttentionPoolLatent` (the MAP heads of SigLIP-style ViTs)
 lets its learned latents attend to the tokens; the generator reads the latents.
+`AttentionPool2d` (the CLIP ResNets' head) is self-attention over the map's positions and a
+mean (or class) token in front, position embeddings added; the generator reads those tokens.
 Talking-heads attention mixes the heads' logits before the softmax (proj_l) and the
 weights after it (proj_w): the mixed logits are written as one q'·k'ᵀ (each head's q'
 concatenates the scaled heads of q weighted by proj_l, plus its bias against a column of
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from ...site import LCAAMSite
-from .family import Family, SequenceFamily, bind, dropout_p, first, split_heads
+from .family import Family, SequenceFamily, bind, dropout_p, first, home, split_heads
 
 
 class ClassAttnFamily(Family):
@@ -151,3 +153,41 @@ class LatentPoolFamily(Family):
         if module.pool == "avg":
             return out.mean(1)
         return out
+
+
+class AttentionPool2dFamily(Family):
+    """`AttentionPool2d`: a mean (or class) token and the positions of x (B, C, H, W)."""
+
+    locations = (("timm.layers.attention_pool2d", "AttentionPool2d"),)
+
+    def embed_dim(self, module: Any) -> int:
+        """The width of the input tokens."""
+        return int(module.in_features)
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """The positions and the token in front."""
+        x = first(args, kwargs)
+        n = x.shape[-2] * x.shape[-1] + 1
+        return n, n
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """AttentionPool2d's forward with LCAAM attention."""
+        B, _C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        front = tokens.mean(1, keepdim=True) if module.cls_token is None else module.cls_token.expand(B, -1, -1)
+        pos_embed = home(module).resample_abs_pos_embed(
+            module.pos_embed.unsqueeze(0), (H, W), old_size=module.feat_size, num_prefix_tokens=1
+        )
+        tokens = torch.cat([front, tokens], dim=1) + pos_embed
+        heads = module.num_heads
+        if module.qkv is None:
+            q, k, v = (
+                proj(tokens).reshape(B, -1, heads, module.head_dim).transpose(1, 2)
+                for proj in (module.q, module.k, module.v)
+            )
+        else:
+            q, k, v = split_heads(module.qkv(tokens), heads)
+        out, _ = site.attend(module, tokens, q, k, v, scale=module.scale)
+        out = module.drop(out.transpose(1, 2).reshape(B, H * W + 1, -1))
+        pooled: torch.Tensor = module._pool(out if pre_logits else module.proj(out), H, W)
+        return pooled
