@@ -456,6 +456,14 @@ CASES = [
     ),
     # AttentionPool2d: the CLIP ResNet head, mean token and positions (position embeddings resampled)
     Case("clip_resnet_attention_pool", "resnet50_clip", {}, image=64, classes=("AttentionPool2d",)),
+    # Next-ViT: keys avg-pooled by sr_ratio² and batch-normed (and full keys in the last stage)
+    Case(
+        "nextvit_pooled_keys",
+        "nextvit_small",
+        dict(depths=(1, 1, 5, 1)),
+        image=64,
+        classes=("nextvit.EfficientAttention",),
+    ),
     # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
     Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
     Case(

@@ -1,8 +1,8 @@
 """The timm adapter: one registered adapter, `TimmAdapter`, over families of timm attention
 classes (one module each): ViT-style attention (`vit`), window attention (`windows`), class
-attention, talking heads, latent and 2-d attention pooling (`token_attention`), feature-map and mask-unit
-attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`), ByobNet's halo and
-bottleneck attention (`byobnet`), MViTv2's pooling attention (`mvit`),
+attention, talking heads, latent and 2-d attention pooling (`token_attention`), feature-map
+and mask-unit attention (`feature_maps`), the hybrid and efficient ViTs (`hybrids`),
+ByobNet's halo and bottleneck attention (`byobnet`), MViTv2's pooling attention (`mvit`),
 multi-query attention over feature maps (`multi_query`).
 
 Token bounds come from the user's max_tokens/max_kv_tokens where given; else from the
@@ -33,6 +33,7 @@ from .hybrids import (
     LowFormerFamily,
     MetaFormerFamily,
     NestFamily,
+    NextVitFamily,
     PvtV2Family,
     TinyVitFamily,
     TntFamily,
@@ -89,6 +90,7 @@ FAMILIES: tuple[Family, ...] = (
     CascadedGroupFamily(),
     LowFormerFamily(),
     AttentionPool2dFamily(),
+    NextVitFamily(),
 )
 
 _CHANNELS = "attends over channels (a C×C map per head), not over tokens: there is no Nq×Nk matrix to mask"

@@ -3,11 +3,11 @@
 NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`), PVT-v2 (`pvt_v2.Attention`),
 Twins (`twins.LocallyGroupedAttn`, `twins.GlobalSubSampleAttn`), TNT (`tnt.Attention`),
 Visformer (`visformer.Attention`), EfficientFormer (`efficientformer.Attention`),
-EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`) and LowFormer
-(`lowformer.ConvAttention`).
+EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`), LowFormer
+(`lowformer.ConvAttention`) and Next-ViT (`nextvit.EfficientAttention`).
 
 LeViT and TinyViT add learned per-head attention biases, passed after fusion; LeViT's
-downsampling attention and the spatial reduction of PVT-v2 and Twins attend from the (subsampled) queries
+downsampling attention and the spatial reduction of PVT-v2, Twins and Next-ViT attend from the (subsampled) queries
 to other key tokens, so the generator reads the queries and a lowrank one the keys. NesT and
 Twins' local attention attend within blocks, folded into the batch (a mask per block).
 EfficientViT-MSRA's cascaded heads each read the previous head's output plus their own
@@ -422,3 +422,37 @@ class LowFormerFamily(Family):
         out = module.o_proj(out.permute(0, 1, 3, 2).reshape(B, module.o_proj_inpdim, h, w))
         upsampled: torch.Tensor = module.upsampling(out)
         return upsampled[..., :H, :W]
+
+
+class NextVitFamily(Family):
+    """Next-ViT's `EfficientAttention`: every token attends to the avg-pooled (by sr_ratio²), normed tokens."""
+
+    locations = (("timm.models.nextvit", "EfficientAttention"),)
+    kind = "cross"
+
+    def embed_dim(self, module: Any) -> int:
+        """The input width of q."""
+        return _in_width(module.q)
+
+    def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+        """Every token a query; the pooled tokens as keys."""
+        x = first(args, kwargs)
+        return x.shape[1], self._keys(module, x).shape[1]
+
+    @staticmethod
+    def _keys(module: Any, x: torch.Tensor) -> torch.Tensor:
+        if module.sr is None:
+            return x
+        keys: torch.Tensor = module.norm(module.sr(x.transpose(1, 2))).transpose(1, 2)
+        return keys
+
+    def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
+        """EfficientAttention's forward with LCAAM attention."""
+        B, N, C = x.shape
+        heads, head_dim = module.num_heads, module.head_dim
+        q = module.q(x).reshape(B, N, heads, head_dim).transpose(1, 2)
+        keys = self._keys(module, x)
+        k = module.k(keys).reshape(B, -1, heads, head_dim).transpose(1, 2)
+        v = module.v(keys).reshape(B, -1, heads, head_dim).transpose(1, 2)
+        out, _ = site.attend(module, x, q, k, v, scale=module.scale, dropout_p=dropout_p(module), kv_tokens=keys)
+        return module.proj_drop(module.proj(out.transpose(1, 2).reshape(B, N, C)))
