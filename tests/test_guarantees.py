@@ -342,3 +342,11 @@ def test_global_mode_two_forwards_then_one_backward_is_exact():
     for name, parameter in model.named_parameters():
         if ".lcaam." in name:
             torch.testing.assert_close(parameter.grad, separate[0][name] + separate[1][name])
+
+
+def test_causal_masks_are_built_on_the_device_of_the_call():
+    q = torch.zeros(1, 1, 3, 4, device="meta")
+    call = AttentionCall(q, q, q, torch.zeros(1, 3, 3, device="meta"), fusion="mul", scale=1.0, is_causal=True)
+    keep = masking.upstream_mask(call).full_keep()
+    assert keep is not None and keep.device.type == "meta"
+    assert masking.lcaam_mask(call, masking.upstream_mask(call), torch.float32).device.type == "meta"

@@ -50,6 +50,7 @@ class UpstreamMask:
         bias: the finite part of a float upstream mask, 4-D; None when there is none.
         causal: whether keys after the query are hard-masked too.
         nq, nk: the query and key counts of the call.
+        device: where the call runs.
     """
 
     keep: torch.Tensor | None
@@ -57,35 +58,27 @@ class UpstreamMask:
     causal: bool
     nq: int
     nk: int
-
-    @property
-    def hides_keys(self) -> bool:
-        """Whether any key may be hard-masked."""
-        return self.keep is not None or self.causal
+    device: torch.device
 
     def full_keep(self) -> torch.Tensor | None:
         """`keep` with causality folded in; None when nothing is hard-masked."""
         keep = self.keep
         if self.causal:
-            device = keep.device if keep is not None else (self.bias.device if self.bias is not None else None)
-            tril = causal_keep(self.nq, self.nk, device or torch.device("cpu"))
+            tril = causal_keep(self.nq, self.nk, self.device)
             keep = tril if keep is None else keep & tril
         return None if keep is None else _as_4d(keep)
 
     def dead_rows(self, keep: torch.Tensor | None = None) -> torch.Tensor | None:
-        """bool (.., Nq, 1), True for queries with every key hard-masked; None if none can be.
+        """bool (.., Nq, 1), True for queries with every key hard-masked; None if none can be
+        (only the upstream mask can empty a row: causality always keeps key 0).
 
         `keep` defaults to `full_keep()`; pass it when already computed.
         """
-        keep = self.full_keep() if keep is None else keep
-        if keep is None or not self.keep_may_empty_rows():
+        if self.keep is None:
             return None
+        keep = self.full_keep() if keep is None else keep
+        assert keep is not None
         return ~keep.any(dim=-1, keepdim=True)
-
-    def keep_may_empty_rows(self) -> bool:
-        """Whether a row can lose every key: only through the upstream mask (causality
-        always keeps key 0)."""
-        return self.keep is not None
 
     def additive(
         self, dtype: torch.dtype, base: torch.Tensor | None = None, *, fold_causal: bool = True
@@ -116,12 +109,12 @@ def upstream_mask(call: AttentionCall) -> UpstreamMask:
     nq, nk = call.q.shape[-2], call.k.shape[-2]
     attn_mask = call.attn_mask
     if attn_mask is None:
-        return UpstreamMask(None, None, call.is_causal, nq, nk)
+        return UpstreamMask(None, None, call.is_causal, nq, nk, call.q.device)
     attn_mask = _as_4d(attn_mask)
     if attn_mask.dtype == torch.bool:
-        return UpstreamMask(attn_mask, None, call.is_causal, nq, nk)
+        return UpstreamMask(attn_mask, None, call.is_causal, nq, nk, call.q.device)
     hard = torch.isneginf(attn_mask)
-    return UpstreamMask(~hard, attn_mask.masked_fill(hard, 0.0), call.is_causal, nq, nk)
+    return UpstreamMask(~hard, attn_mask.masked_fill(hard, 0.0), call.is_causal, nq, nk, call.q.device)
 
 
 def saturating_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
