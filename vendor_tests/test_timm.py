@@ -464,6 +464,15 @@ CASES = [
         image=64,
         classes=("nextvit.EfficientAttention",),
     ),
+    # CPUBone: LowFormer's attention with 2×2 projections (the odd 5×5 map padded), nearest or learned upsampling
+    Case("cpubone_small_kernels_nearest", "cpubone_nano", {}, image=80, classes=("cpubone.ConvAttention",)),
+    Case(
+        "cpubone_small_kernels_transpose",
+        "cpubone_nano",
+        dict(attn_upsample="transpose", fused_conv=False),
+        image=80,
+        classes=("cpubone.ConvAttention",),
+    ),
     # MultiQueryAttention2d: shared key/value head downsampled by a strided conv, pooled queries
     Case("mnv4_hybrid_multi_query", "mobilenetv4_hybrid_medium", {}, image=64, classes=("MultiQueryAttention2d",)),
     Case(

@@ -125,6 +125,10 @@ INAPPLICABLE: tuple[tuple[Location, str], ...] = (
         "selective-kernel attention weights convolution branches per channel, not tokens",
     ),
     (
+        ("timm.models.nextvit", "ConvAttention"),
+        "multi-head convolutional attention is a grouped 3×3 convolution: no query-key scores",
+    ),
+    (
         ("timm.layers.lambda_layer", "LambdaLayer"),
         "lambda layers summarise the keys into linear lambdas (a softmax over positions of k, "
         "then kᵀv; position lambdas by a convolution): no per-query softmax over keys",

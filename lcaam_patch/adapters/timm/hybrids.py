@@ -3,8 +3,8 @@
 NesT (`nest.Attention`), MetaFormer (`metaformer.Attention`), PVT-v2 (`pvt_v2.Attention`),
 Twins (`twins.LocallyGroupedAttn`, `twins.GlobalSubSampleAttn`), TNT (`tnt.Attention`),
 Visformer (`visformer.Attention`), EfficientFormer (`efficientformer.Attention`),
-EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`), LowFormer
-(`lowformer.ConvAttention`) and Next-ViT (`nextvit.EfficientAttention`).
+EfficientViT-MSRA (`efficientvit_msra.CascadedGroupAttention`), LowFormer and CPUBone
+(`lowformer.ConvAttention`, `cpubone.ConvAttention`) and Next-ViT (`nextvit.EfficientAttention`).
 
 LeViT and TinyViT add learned per-head attention biases, passed after fusion; LeViT's
 downsampling attention and the spatial reduction of PVT-v2, Twins and Next-ViT attend from the (subsampled) queries
@@ -12,8 +12,8 @@ to other key tokens, so the generator reads the queries and a lowrank one the ke
 Twins' local attention attend within blocks, folded into the batch (a mask per block).
 EfficientViT-MSRA's cascaded heads each read the previous head's output plus their own
 channels; one mask, from the module's input tokens, is fused with every head's scores.
-LowFormer attends over a map downsampled by a strided depthwise conv, whose positions the
-generator reads.
+LowFormer and CPUBone attend over a map downsampled by a strided depthwise conv, whose
+positions the generator reads.
 """
 
 from __future__ import annotations
@@ -398,9 +398,10 @@ class CascadedGroupFamily(Family):
 
 
 class LowFormerFamily(Family):
-    """LowFormer's `ConvAttention`: self-attention over the conv-downsampled map, upsampled after."""
+    """LowFormer's and CPUBone's `ConvAttention`: self-attention over the conv-downsampled map,
+    upsampled after (CPUBone's 2×2 projection pads odd maps first)."""
 
-    locations = (("timm.models.lowformer", "ConvAttention"),)
+    locations = (("timm.models.lowformer", "ConvAttention"), ("timm.models.cpubone", "ConvAttention"))
 
     def embed_dim(self, module: Any) -> int:
         """The input channels of the pointwise qkv conv."""
@@ -408,13 +409,22 @@ class LowFormerFamily(Family):
 
     def tokens(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
         """The positions of the downsampled map."""
-        n = module.conv_proj(first(args, kwargs))[0, 0].numel()
+        n = self._downsampled(module, first(args, kwargs))[0, 0].numel()
         return n, n
+
+    @staticmethod
+    def _downsampled(module: Any, x: torch.Tensor) -> torch.Tensor:
+        """The conv-downsampled map, x padded to a multiple of the stride for small kernels."""
+        stride = module.att_stride
+        if getattr(module, "small_kernels", False) and stride > 1:
+            x = F.pad(x, (0, -x.shape[-1] % stride, 0, -x.shape[-2] % stride))
+        feats: torch.Tensor = module.conv_proj(x)
+        return feats
 
     def forward(self, module: Any, site: LCAAMSite, x: torch.Tensor) -> torch.Tensor:
         """ConvAttention's forward with LCAAM attention."""
         H, W = x.shape[-2:]
-        feats = module.conv_proj(x)
+        feats = self._downsampled(module, x)
         B, _C, h, w = feats.shape
         qkv = module.pwise(feats).reshape(B, module.num_heads, module.num_keys * module.head_dim, h * w)
         q, k, v = qkv.permute(0, 1, 3, 2).chunk(3, dim=3)
