@@ -27,7 +27,7 @@ class EagerBackend:
         if upstream.bias is not None:
             scores = scores + upstream.bias.to(compute)
         keep = upstream.full_keep()
-        dead = upstream.dead_rows(keep)
+        dead = upstream.dead_rows()
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
         if dead is not None:

@@ -59,26 +59,28 @@ class UpstreamMask:
     nq: int
     nk: int
     device: torch.device
+    _full_keep: torch.Tensor | None = dataclasses.field(init=False, repr=False)
+    _dead_rows: torch.Tensor | None = dataclasses.field(init=False, repr=False)
 
-    def full_keep(self) -> torch.Tensor | None:
-        """`keep` with causality folded in; None when nothing is hard-masked."""
+    def __post_init__(self) -> None:
+        # computed once here: every backend asks for them, several times per call
         keep = self.keep
         if self.causal:
             tril = causal_keep(self.nq, self.nk, self.device)
             keep = tril if keep is None else keep & tril
-        return None if keep is None else _as_4d(keep)
+        full = None if keep is None else _as_4d(keep)
+        dead = None if self.keep is None or full is None else ~full.any(dim=-1, keepdim=True)
+        object.__setattr__(self, "_full_keep", full)
+        object.__setattr__(self, "_dead_rows", dead)
 
-    def dead_rows(self, keep: torch.Tensor | None = None) -> torch.Tensor | None:
+    def full_keep(self) -> torch.Tensor | None:
+        """`keep` with causality folded in; None when nothing is hard-masked."""
+        return self._full_keep
+
+    def dead_rows(self) -> torch.Tensor | None:
         """bool (.., Nq, 1), True for queries with every key hard-masked; None if none can be
-        (only the upstream mask can empty a row: causality always keeps key 0).
-
-        `keep` defaults to `full_keep()`; pass it when already computed.
-        """
-        if self.keep is None:
-            return None
-        keep = self.full_keep() if keep is None else keep
-        assert keep is not None
-        return ~keep.any(dim=-1, keepdim=True)
+        (only the upstream mask can empty a row: causality always keeps key 0)."""
+        return self._dead_rows
 
     def additive(
         self, dtype: torch.dtype, base: torch.Tensor | None = None, *, fold_causal: bool = True
@@ -100,7 +102,7 @@ class UpstreamMask:
         if total is None:
             total = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
         total = total.masked_fill(~keep, float("-inf"))
-        dead = self.dead_rows(keep) if fold_causal else None
+        dead = self.dead_rows() if fold_causal else None
         return total if dead is None else total.masked_fill(dead, 0.0)
 
 
