@@ -1,0 +1,222 @@
+"""`TransformersAdapter`: claims, geometry, the per-instance config switch and the instance forward."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import LCAAMConfig
+from ...errors import MissingBoundError, UnsupportedModuleError
+from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
+from ..base import Adapter
+from .attention import ATTENTION_FUNCTION, register_attention_function
+from .bounds import MAX_INFERRED_TOKENS, key_width, token_bounds
+from .calls import Call, State, cached_layer
+from .discovery import (
+    config_flag,
+    dispatches_through_interface,
+    forward_parameters,
+    forward_source,
+    is_config,
+    is_cross,
+    is_pretrained_model,
+    model_implementation,
+    transformers_loaded,
+)
+from .switch import SWITCH, is_guard, refuse_switch
+
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache", "layer_past")
+_KEY_TOKEN_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
+
+
+class TransformersAdapter(Adapter):
+    """Patches transformers attention classes that use the attention interface."""
+
+    name = "transformers"
+    distribution = "transformers"
+    supported_versions = ">=4.53,<6"
+
+    def attention_types(self) -> tuple[type[nn.Module], ...]:
+        """Attention classes of the imported transformers model modules that dispatch
+        through the attention interface."""
+        if not transformers_loaded():
+            return ()
+        found: list[type[nn.Module]] = []
+        for module_name, module in list(sys.modules.items()):
+            if not module_name.startswith("transformers.models.") or module is None:
+                continue
+            for value in list(vars(module).values()):
+                if (
+                    isinstance(value, type)
+                    and issubclass(value, nn.Module)
+                    and value.__module__ == module_name
+                    and value not in found
+                    and dispatches_through_interface(value)
+                ):
+                    found.append(value)
+        return tuple(found)
+
+    def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
+        """Modules with a transformers config whose class dispatches through the interface."""
+        return (
+            transformers_loaded()
+            and is_config(getattr(module, "config", None))
+            and dispatches_through_interface(type(module))
+        )
+
+    def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
+        """Refuse what LCAAM cannot honour; widths and token bounds from the config."""
+        _refuse_unsupported(module, path)
+        model_config = module.config
+        embed_dim = getattr(model_config, "hidden_size", None)
+        if not isinstance(embed_dim, int):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} at {path!r}: its config has no hidden_size, so the width of "
+                f"the tokens LCAAM reads is unknown; exclude it with exclude=[{path!r}]"
+            )
+        cross = is_cross(module, path)
+        q_bound, kv_bound = token_bounds(module, path, root, cross)
+        max_q = config.max_tokens or q_bound
+        max_kv = config.max_kv_tokens or (config.max_tokens if not cross else None) or kv_bound
+        if config.generator == "mlp":
+            if max_kv is None:
+                raise MissingBoundError(
+                    f"{type(module).__name__} at {path!r}: its config gives no bound on the number of "
+                    f"key tokens (e.g. T5's relative positions); pass max_tokens=N (and, for "
+                    f"cross-attention, max_kv_tokens=M) to lcaam_patch.apply, or generator='lowrank'"
+                )
+            if config.max_kv_tokens is None and config.max_tokens is None and max_kv > MAX_INFERRED_TOKENS:
+                raise MissingBoundError(
+                    f"{type(module).__name__} at {path!r}: its config allows {max_kv} positions, so the "
+                    f"LCAAM generator would be a Linear {embed_dim}×{max_kv} per layer; pass "
+                    f"max_kv_tokens=N (the longest sequence you will run, cache included) to "
+                    f"lcaam_patch.apply, or generator='lowrank', which has no bound"
+                )
+        return SiteGeometry(
+            embed_dim=embed_dim,
+            max_q_tokens=max_q,
+            max_kv_tokens=max_kv,
+            kind="cross" if cross else "self",
+            kv_embed_dim=key_width(module, embed_dim) if cross else None,
+        )
+
+    def prepare(self, module: nn.Module, root: nn.Module) -> State:
+        """Give `module` its own config copy that dispatches to LCAAM's attention function."""
+        register_attention_function()
+        state = State(module.config, model_implementation(module), root)
+        own: Any = copy.copy(module.config)
+        own._attn_implementation_internal = ATTENTION_FUNCTION
+        module.config = own
+        for model in root.modules():
+            switchable = hasattr(type(model), SWITCH)  # transformers < 4.54 has no such method
+            if switchable and is_pretrained_model(model) and not is_guard(vars(model).get(SWITCH)):
+                setattr(model, SWITCH, functools.partial(refuse_switch, model))
+        return state
+
+    def restore(self, module: nn.Module, state: State) -> None:
+        """Put the module's original config back; drop the switch guards with the last site."""
+        module.config = state.original_config
+        if not any(hasattr(m, SITE_ATTR) for m in state.root.modules()):
+            for model in state.root.modules():
+                if is_guard(vars(model).get(SWITCH)):
+                    delattr(model, SWITCH)
+
+    def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
+        """The class's own forward, with the layer input kept for the attention function."""
+        state: State = site.adapter_state
+        current = str(state.original_config._attn_implementation)
+        if current != state.implementation:
+            raise UnsupportedModuleError(
+                f"the attention implementation of {site.path!r} was switched from "
+                f"{state.implementation!r} to {current!r} after lcaam_patch.apply, which reads the "
+                f"masks of the implementation it was applied under; call lcaam_patch.remove(model) "
+                f"before switching, then apply again ('eager' or 'sdpa')"
+            )
+        _refuse_wrapped_generator(module, site.path)
+        arguments = _bind(type(module), args, kwargs)
+        x = arguments.get("hidden_states", args[0] if args else None)
+        if not isinstance(x, torch.Tensor):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} at {site.path!r} was called without hidden states as its "
+                f"first argument; LCAAM reads them. Exclude it with exclude=[{site.path!r}]"
+            )
+        kv_tokens = next((arguments[n] for n in _KEY_TOKEN_ARGUMENTS if arguments.get(n) is not None), None)
+        cache = next((arguments[n] for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
+        layer = None if kv_tokens is not None else cached_layer(module, cache, x.shape[-2])
+        call = Call(x, kv_tokens, 0, False)
+        if layer is not None:
+            call.offset, call.from_cache = layer.offset, bool(layer.past) or layer.static
+            if getattr(module._modules.get(GENERATOR_NAME), "reads_key_tokens", False):
+                call.kv_tokens, call.offset = state.stash.key_tokens(layer, x, site.path), 0
+        state.stash.calls.append(call)
+        try:
+            return type(module).forward(module, *args, **kwargs)
+        finally:
+            state.stash.calls.pop()
+
+
+def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
+    """A generator whose Linears another tuner wrapped (PEFT's target_modules="all-linear")
+    would run their base weights only: the tuner's update would be silently lost."""
+    generator = module._modules.get(GENERATOR_NAME)
+    if generator is not None and any(hasattr(m, "base_layer") for m in generator.modules()):
+        raise UnsupportedModuleError(
+            f"the LCAAM generator of {path!r} had its Linear layers wrapped by another tuner (e.g. "
+            f"LoRA with target_modules='all-linear'), whose update LCAAM's sliced weights would "
+            f"silently skip; leave the generators out (LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) "
+            f"and train them as they are (modules_to_save=['lcaam'])"
+        )
+
+
+def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (self excluded), `**kwargs` merged in."""
+    names = forward_parameters(cls)[1:]
+    bound: dict[str, Any] = dict(kwargs)
+    bound.update(zip(names, args))
+    return bound
+
+
+def _refuse_unsupported(module: nn.Module, path: str) -> None:
+    """UnsupportedModuleError for what the LCAAM attention function cannot compute exactly."""
+    name = type(module).__name__
+    implementation = model_implementation(module)
+    if implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise UnsupportedModuleError(
+            f"{name} at {path!r} runs attn_implementation={implementation!r}; LCAAM needs the "
+            f"masks of 'eager' or 'sdpa' (flash, flex and paged attention take other mask forms). "
+            f"Build the model with attn_implementation='sdpa' (or call "
+            f"model.set_attn_implementation('sdpa')) before lcaam_patch.apply"
+        )
+    source = forward_source(type(module))
+    softcap = config_flag(module, ("attn_logit_softcapping", "softcap", "logit_softcapping"))
+    if softcap is not None:
+        raise UnsupportedModuleError(
+            f"{name} at {path!r} soft-caps its attention logits ({softcap}), which LCAAM's fused "
+            f"attention does not compute; set config.{softcap}=None, or exclude it with exclude=[{path!r}]"
+        )
+    if "s_aux" in source or isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise UnsupportedModuleError(
+            f"{name} at {path!r} uses attention sinks (an extra logit per head), which LCAAM's "
+            f"fused attention does not compute; exclude it with exclude=[{path!r}]"
+        )
+    if "cu_seqlens" in source or "cu_seq_lens" in source:
+        raise UnsupportedModuleError(
+            f"{name} at {path!r} calls attention once per chunk of a packed sequence (cu_seqlens), "
+            f"so its input hidden states are not the queries of one call; exclude it with exclude=[{path!r}]"
+        )
+    parameters = forward_parameters(type(module))
+    if {"query", "key", "value"} <= set(parameters):
+        raise UnsupportedModuleError(
+            f"{name} at {path!r} takes separate query, key and value inputs; LCAAM reads the layer's "
+            f"hidden states. Exclude it with exclude=[{path!r}]"
+        )
+
+
+adapter = TransformersAdapter()

@@ -1,0 +1,65 @@
+"""Token bounds and widths read off a transformers config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MAX_INFERRED_TOKENS = 16384
+"""Above this many positions read off a config, the generator width must be given."""
+
+
+def image_tokens(config: Any, root: nn.Module) -> int | None:
+    """Patch tokens of one image plus the prefix tokens; None without image and patch sizes."""
+    image_size, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if image_size is None or patch_size is None:
+        return None
+    sizes = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    patches = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    grid = (sizes[0] // patches[0]) * (sizes[1] // patches[1])
+    return grid + prefix_tokens(config, root)
+
+
+def prefix_tokens(config: Any, root: nn.Module) -> int:
+    """Class, distillation and register tokens of the embeddings that share `config`."""
+    for module in root.modules():
+        if getattr(module, "config", None) is config and any(
+            hasattr(module, name) for name in ("patch_embeddings", "patch_embedding")
+        ):
+            count = 0
+            for name in ("cls_token", "class_embedding", "distillation_token"):
+                count += isinstance(getattr(module, name, None), torch.Tensor)
+            registers = getattr(module, "register_tokens", None)
+            if isinstance(registers, torch.Tensor):
+                count += registers.shape[-2]
+            return count
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def token_bounds(module: nn.Module, path: str, root: nn.Module, cross: bool) -> tuple[int | None, int | None]:
+    """(query bound, key bound) read off the module's config; None where there is none."""
+    config = module.config
+    image = image_tokens(config, root)
+    if image is not None:
+        return image, image
+    source = getattr(config, "max_source_positions", None)
+    target = getattr(config, "max_target_positions", None)
+    if source is not None or target is not None:
+        decoder = "decoder" in path.split(".") or bool(getattr(module, "is_decoder", False))
+        if cross:
+            return target, source
+        bound = target if decoder else source
+        return bound, bound
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions, positions
+
+
+def key_width(module: nn.Module, default: int) -> int:
+    """The width of the key tokens of a cross-attention: its key projection's input."""
+    for name in ("k_proj", "key", "k"):
+        projection = getattr(module, name, None)
+        if isinstance(projection, nn.Linear):
+            return projection.in_features
+    return default

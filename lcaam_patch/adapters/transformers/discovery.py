@@ -1,0 +1,85 @@
+"""Which transformers classes LCAAM claims: the attention interface, read from the class source."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+from torch import nn
+
+CROSS_NAMES = ("cross", "encoder_attn", "encdecattention")
+
+
+def transformers_loaded() -> bool:
+    """Whether transformers has been imported (the adapter never imports it itself)."""
+    return "transformers" in sys.modules
+
+
+_SOURCES: dict[type[nn.Module], str] = {}
+_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def forward_source(cls: type[nn.Module]) -> str:
+    """The source of `cls.forward` (cached per class; '' when it has none)."""
+    if cls not in _SOURCES:
+        try:
+            _SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
+
+
+def forward_parameters(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The parameter names of `cls.forward`, self first (cached per class)."""
+    if cls not in _PARAMETERS:
+        try:
+            _PARAMETERS[cls] = tuple(inspect.signature(cls.forward).parameters)
+        except (TypeError, ValueError):
+            _PARAMETERS[cls] = ()
+    return _PARAMETERS[cls]
+
+
+def is_config(value: object) -> bool:
+    """Whether `value` is a transformers model config."""
+    configuration = sys.modules.get("transformers.configuration_utils")
+    base = getattr(configuration, "PreTrainedConfig", None) or getattr(configuration, "PretrainedConfig", None)
+    return isinstance(base, type) and isinstance(value, base)
+
+
+def dispatches_through_interface(cls: type) -> bool:
+    """Whether `cls.forward` picks its attention function from `ALL_ATTENTION_FUNCTIONS`
+    by `self.config._attn_implementation`."""
+    source = forward_source(cls)
+    return "ALL_ATTENTION_FUNCTIONS" in source and "config._attn_implementation" in source
+
+
+def model_implementation(module: nn.Module) -> str:
+    """The model-level attention implementation the module's config names."""
+    config: Any = module.config
+    return str(config._attn_implementation)
+
+
+def is_cross(module: nn.Module, path: str) -> bool:
+    """Whether the module at `path` is a cross-attention (by flag, class name or path)."""
+    name = path.rsplit(".", 1)[-1].lower()
+    return (
+        bool(getattr(module, "is_cross_attention", False))
+        or "cross" in type(module).__name__.lower()
+        or any(part in name for part in CROSS_NAMES)
+    )
+
+
+def config_flag(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The first of `names` set (truthy) on the module or its config, or None."""
+    for name in names:
+        for owner in (module, module.config):
+            if getattr(owner, name, None) not in (None, False, 0):
+                return name
+    return None
+
+
+def is_pretrained_model(module: nn.Module) -> bool:
+    """Whether `module` is a transformers `PreTrainedModel`."""
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return isinstance(base, type) and isinstance(module, base)
