@@ -51,6 +51,9 @@ class LCAAMConfig:
         "mlp", "'mlp' (the paper's, bounded by the token counts) or 'lowrank' (M = A·Bᵀ, no bound)", GENERATORS
     )
     rank: int = _option(1, "R of generator='lowrank'")
+    verify: bool = _option(
+        True, "sites whose claim is inferred (transformers) check themselves at their first call; False skips it"
+    )
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -70,6 +73,8 @@ class LCAAMConfig:
                 f"generator='lowrank' keeps M = A·Bᵀ factorized, which activation="
                 f"{self.activation!r} would break; use activation='none' or generator='mlp'"
             )
+        if not isinstance(self.verify, bool):
+            raise InvalidOptionError(f"verify={self.verify!r} must be True or False")
         for name in ("hidden", "max_tokens", "max_kv_tokens"):
             value = getattr(self, name)
             if value is not None:

@@ -81,12 +81,13 @@ def apply(
     backend: str = _UNSET,
     generator: str = _UNSET,
     rank: int = _UNSET,
+    verify: bool = _UNSET,
 ) -> nn.Module:
     """Patch every supported attention module of `model` with LCAAM, in place.
 
     Each option is described in `LCAAMConfig` (the defaults: mode="multilayer",
     fusion="mul", depth=1, activation="none", init="identity", backend="auto",
-    generator="mlp"); `preset` supplies a registered set of options and the explicit
+    generator="mlp", verify=True); `preset` supplies a registered set of options and the explicit
     arguments override it. Everything is validated before the model is touched: on error
     the model is unchanged. Returns `model`.
     """

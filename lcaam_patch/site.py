@@ -117,6 +117,7 @@ class LCAAMSite:
         config: the options `apply` patched it with (None in models pickled by 0.1.0).
         adapter_state: what the adapter's `prepare` returned, for its `restore`.
         last_backend: the backend that computed the latest call (None before the first).
+        verified: whether the site passed its first-call check (`lcaam_patch.verification`).
     """
 
     def __init__(
@@ -140,12 +141,13 @@ class LCAAMSite:
         self.adapter_state: Any = None
         self.recorder: Recorder | None = None
         self.last_backend: str | None = None
+        self.verified = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "recorder": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"config": None, **state})
+        self.__dict__.update({"config": None, "verified": False, **state})
 
     @property
     def owns_generator(self) -> bool:

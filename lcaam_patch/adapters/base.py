@@ -26,6 +26,10 @@ class Adapter(abc.ABC):
     Where several adapters claim a module, the one with the highest `priority` wins
     (model-family adapters above generic ones).
 
+    An adapter that infers what it claims (from source text or shapes) sets
+    `verifies_claims = True` and checks each of its sites at their first call with
+    `lcaam_patch.verification.verify_first_call` (exact at identity, M in the path).
+
     `presets` maps a preset name to options of `apply`. `builders` maps a preset name to
     the upstream functions that build the model, as "module:attribute" strings (e.g.
     "qd_detr.model:build_model"); `lcaam-patch run --preset NAME` wraps each one right after
@@ -37,6 +41,7 @@ class Adapter(abc.ABC):
 
     name: str = ""
     priority: int = 0
+    verifies_claims: bool = False
     distribution: str | None = None
     supported_versions: str = ""
     presets: Mapping[str, Mapping[str, Any]] = {}

@@ -15,7 +15,10 @@ The guarantee every backend meets through this module:
   zeroed in k and v (and in a factorized M's key factor) before any backend sees them, so
   whatever those keys hold cannot overflow a fused score into a NaN.
 - A query whose keys are all hard-masked (a *dead row*) gets output 0 and no gradient,
-  never NaN.
+  never NaN. Where an upstream writes its hard masks as a large finite number and its own
+  softmax therefore averages a dead row uniformly (transformers' eager masks, `finfo.min`),
+  the adapter reproduces that average with `finite_dead_rows` and `uniform_dead_rows`: the
+  mean of v over every key, with no gradient to q, k or M.
 - M is cast to the dtype a backend computes in with saturation, so a finite M stays finite
   in half precision; a non-finite M at a key that is attended is not a mask and gives a
   non-finite output there.
@@ -196,3 +199,21 @@ def hide_masked_keys(call: AttentionCall) -> AttentionCall:
     if isinstance(mask, LowRankMask):
         mask = LowRankMask(mask.a, torch.where(hidden[:, 0], torch.zeros((), dtype=mask.b.dtype), mask.b))
     return dataclasses.replace(call, k=k, v=v, mask=mask)
+
+
+def finite_dead_rows(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bool (.., Nq, 1): the rows of a float upstream mask whose every entry is at or below
+    `threshold`, a large finite negative number (`finfo.min`) that the upstream means as a
+    hard mask. Its own softmax gives such a row equal weights on every key."""
+    return (attn_mask <= threshold).all(dim=-1, keepdim=True)
+
+
+def uniform_dead_rows(
+    out: torch.Tensor, weights: torch.Tensor | None, v: torch.Tensor, dead: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`out` (B, H, Nq, Dv) and `weights` with the rows `dead` (from `finite_dead_rows`) set to
+    what the upstream computes there: the mean of `v` over every key, and weights 1/Nk."""
+    out = torch.where(dead, v.mean(dim=-2, keepdim=True).to(out.dtype), out)
+    if weights is not None:
+        weights = weights.masked_fill(dead, 1.0 / v.shape[-2])
+    return out, weights

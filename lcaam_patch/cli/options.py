@@ -23,6 +23,8 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"help": field.metadata["help"], "dest": field.name}
         if field.metadata["choices"] is not None:
             options["choices"] = field.metadata["choices"]
+        if field.type in (bool, "bool"):
+            options["action"] = argparse.BooleanOptionalAction
         if field.name in _INTEGER_OPTIONS:
             options["type"] = int
         if field.name in _PATTERN_OPTIONS:

@@ -13,9 +13,10 @@ from torch import nn
 from ...config import LCAAMConfig
 from ...errors import MissingBoundError, UnsupportedModuleError
 from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
+from ...verification import needs_verification
 from ..base import Adapter
-from .attention import ATTENTION_FUNCTION, register_attention_function
-from .bounds import MAX_INFERRED_TOKENS, key_width, token_bounds
+from .attention import ATTENTION_FUNCTION, eager_function, register_attention_function
+from .bounds import MAX_INFERRED_TOKENS, key_width, query_width, token_bounds
 from .calls import Call, State, cached_layer
 from .discovery import (
     config_flag,
@@ -40,6 +41,7 @@ class TransformersAdapter(Adapter):
     """Patches transformers attention classes that use the attention interface."""
 
     name = "transformers"
+    verifies_claims = True
     distribution = "transformers"
     supported_versions = ">=4.53,<6"
 
@@ -72,14 +74,20 @@ class TransformersAdapter(Adapter):
         )
 
     def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
-        """Refuse what LCAAM cannot honour; widths and token bounds from the config."""
+        """Refuse what LCAAM cannot honour; the width from the query projection, token bounds
+    from the config."""
         _refuse_unsupported(module, path)
-        model_config = module.config
-        embed_dim = getattr(model_config, "hidden_size", None)
-        if not isinstance(embed_dim, int):
+        if config.verify and model_implementation(module) == "eager" and eager_function(type(module)) is None:
             raise UnsupportedModuleError(
-                f"{type(module).__name__} at {path!r}: its config has no hidden_size, so the width of "
-                f"the tokens LCAAM reads is unknown; exclude it with exclude=[{path!r}]"
+                f"{type(module).__name__} at {path!r}: its forward names no eager attention function "
+                f"LCAAM can find to verify its patch against; exclude it with exclude=[{path!r}], or "
+                f"pass verify=False if you know it computes plain attention"
+            )
+        embed_dim = query_width(module)
+        if embed_dim is None:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} at {path!r}: neither a query projection nor its config's "
+                f"hidden_size gives the width of the tokens LCAAM reads; exclude it with exclude=[{path!r}]"
             )
         cross = is_cross(module, path)
         q_bound, kv_bound = token_bounds(module, path, root, cross)
@@ -157,9 +165,16 @@ class TransformersAdapter(Adapter):
                 call.kv_tokens, call.offset = state.stash.key_tokens(layer, x, site.path), 0
         state.stash.calls.append(call)
         try:
-            return type(module).forward(module, *args, **kwargs)
+            output = type(module).forward(module, *args, **kwargs)
         finally:
             state.stash.calls.pop()
+        if not call.attended and needs_verification(site, x):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} at {site.path!r} names the attention interface in its source, "
+                f"but its forward ran without calling it, so LCAAM is not in its path. Exclude it with "
+                f"exclude=[{site.path!r}] and report the class to lcaam-patch; verify=False skips this check"
+            )
+        return output
 
 
 def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:

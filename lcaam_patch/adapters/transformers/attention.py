@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...backends import AttentionCall, LowRankMask, masking
+from ...backends import AttentionCall, LowRankMask, masking, run
 from ...backends.masking import harden
 from ...errors import UnsupportedModuleError
 from ...site import SITE_ATTR, LCAAMSite
+from ...verification import needs_verification, verify_first_call
 from .calls import State
+from .discovery import forward_source
 
 ATTENTION_FUNCTION = "lcaam"
 """The name LCAAM's attention function is registered under in `AttentionInterface`."""
@@ -57,14 +62,21 @@ def lcaam_attention_function(
                 f"does not compute; exclude it with exclude=[{site.path!r}]"
             )
     call = calls[-1]
+    call.attended = True
     state: State = site.adapter_state
+    _check_queries(site, module, call.x, query)
+    given_key, given_value, given_mask = key, value, attention_mask
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     if key.shape[1] != query.shape[1]:
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = False
+    dead_rows = None
     if attention_mask is not None:
-        attention_mask = _hard(attention_mask[..., :num_keys])
+        attention_mask = attention_mask[..., :num_keys]
+        if attention_mask.dtype != torch.bool:
+            dead_rows = masking.finite_dead_rows(attention_mask, _threshold(attention_mask))
+        attention_mask = _hard(attention_mask)
     elif state.implementation == "sdpa":
         wanted = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(wanted) and num_queries > 1
@@ -88,21 +100,94 @@ def lcaam_attention_function(
     if call.offset:
         assert isinstance(mask, torch.Tensor)
         mask = mask[..., call.offset :]
-    result = site.run(
-        AttentionCall(
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+    def attend(m: torch.Tensor | LowRankMask, p: float, weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention = AttentionCall(
             query,
             key,
             value,
-            mask,
+            m,
             fusion=site.fusion,
-            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            scale=scale,
             attn_mask=attention_mask,
             is_causal=causal,
-            dropout_p=dropout,
-            need_weights=state.implementation == "eager",
+            dropout_p=p,
+            need_weights=weights,
         )
-    )
-    return result.output.transpose(1, 2).contiguous(), result.weights
+        result = site.run(attention) if m is mask else run(attention, site.backend)
+        out, attention_weights = result.output, result.weights
+        if dead_rows is not None:
+            out, attention_weights = masking.uniform_dead_rows(out, attention_weights, value, dead_rows)
+        return out.transpose(1, 2).contiguous(), attention_weights
+
+    output, weights = attend(mask, dropout, state.implementation == "eager")
+    if needs_verification(site, query):
+        extra = dict(kwargs)
+        if is_causal is not None:
+            extra["is_causal"] = is_causal
+        if position_bias is not None:
+            extra["position_bias"] = position_bias
+        upstream = upstream_attention(module, state.implementation)
+        probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
+        verify_first_call(
+            site,
+            type(module).__name__,
+            compute=lambda m: attend(m, 0.0, False)[0],
+            reference=lambda: upstream(
+                module, query, given_key, given_value, given_mask, dropout=0.0, scaling=scaling, **extra
+            )[0],
+            mask_shape=(query.shape[0], num_queries, num_keys),
+            attended=masking.upstream_mask(probe).full_keep(),
+        )
+    return output, weights
+
+
+def _threshold(mask: torch.Tensor) -> float:
+    """At or below this, an entry of a float mask hides its key (half of `finfo.min`)."""
+    return torch.finfo(mask.dtype).min / 2
+
+
+def _check_queries(site: LCAAMSite, module: nn.Module, x: torch.Tensor, query: torch.Tensor) -> None:
+    """The layer input must be the queries' tokens: same batch and length."""
+    if x.dim() != 3 or x.shape[0] != query.shape[0] or x.shape[1] != query.shape[-2]:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} at {site.path!r} attends with queries of batch {query.shape[0]} and "
+            f"length {query.shape[-2]}, but its input hidden states have shape {tuple(x.shape)}: they are "
+            f"not the queries' tokens (a chunked or reshaped call), so LCAAM's mask cannot be placed. "
+            f"Exclude it with exclude=[{site.path!r}]"
+        )
+
+
+_EAGER_FUNCTION = re.compile(
+    r"get_interface\(\s*self\.config\._attn_implementation\s*,\s*(\w+)"
+    r"|attention_interface\s*(?::\s*Callable\s*)?=\s*(\w+)\s*$",
+    re.MULTILINE,
+)
+
+
+def upstream_attention(module: nn.Module, implementation: str) -> Callable[..., Any]:
+    """The attention function the module's forward would call under `implementation`
+    without LCAAM: its own eager function for "eager", the registered one otherwise."""
+    if implementation != "eager":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        function: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS[implementation]
+        return function
+    eager = eager_function(type(module))
+    if eager is None:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}: its forward names no eager attention function LCAAM can find "
+            f"to verify against; exclude it, or pass verify=False if you know it computes plain attention"
+        )
+    return eager
+
+
+def eager_function(cls: type[nn.Module]) -> Callable[..., Any] | None:
+    """The eager attention function `cls.forward` falls back to, looked up in its module."""
+    namespace = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
+    names = [a or b for a, b in _EAGER_FUNCTION.findall(forward_source(cls))] + ["eager_attention_forward"]
+    return next((namespace[n] for n in names if callable(namespace.get(n))), None)
 
 
 def register_attention_function() -> None:

@@ -56,6 +56,22 @@ def token_bounds(module: nn.Module, path: str, root: nn.Module, cross: bool) -> 
     return positions, positions
 
 
+_QUERY_PROJECTIONS = ("q_proj", "query", "q", "q_lin", "qkv", "qkv_proj", "c_attn", "Wqkv", "in_proj", "to_q")
+
+
+def query_width(module: nn.Module) -> int | None:
+    """The width of the tokens the module's queries are projected from: its query (or fused
+    qkv) projection's input, else its config's `hidden_size`; None when neither is there."""
+    for name in _QUERY_PROJECTIONS:
+        projection = getattr(module, name, None)
+        if isinstance(projection, nn.Linear):
+            return projection.in_features
+        if type(projection).__name__ == "Conv1D" and isinstance(getattr(projection, "weight", None), torch.Tensor):
+            return int(projection.weight.shape[0])  # transformers' Conv1D: weight (in, out)
+    width = getattr(module.config, "hidden_size", None)
+    return width if isinstance(width, int) else None
+
+
 def key_width(module: nn.Module, default: int) -> int:
     """The width of the key tokens of a cross-attention: its key projection's input."""
     for name in ("k_proj", "key", "k"):

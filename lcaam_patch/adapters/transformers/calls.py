@@ -27,6 +27,7 @@ class Call:
     kv_tokens: torch.Tensor | None
     offset: int
     from_cache: bool
+    attended: bool = False
 
 
 @dataclasses.dataclass
