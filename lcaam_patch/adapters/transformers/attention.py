@@ -161,7 +161,7 @@ def _check_queries(site: LCAAMSite, module: nn.Module, x: torch.Tensor, query: t
 
 _EAGER_FUNCTION = re.compile(
     r"get_interface\(\s*self\.config\._attn_implementation\s*,\s*(\w+)"
-    r"|attention_interface\s*(?::\s*Callable\s*)?=\s*(\w+)\s*$",
+    r"|attention_interface\s*(?::[^=\n]+)?=\s*(\w+)\s*$",
     re.MULTILINE,
 )
 
