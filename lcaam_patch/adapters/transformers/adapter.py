@@ -75,7 +75,7 @@ class TransformersAdapter(Adapter):
 
     def geometry(self, module: nn.Module, path: str, root: nn.Module, config: LCAAMConfig) -> SiteGeometry:
         """Refuse what LCAAM cannot honour; the width from the query projection, token bounds
-    from the config."""
+        from the config."""
         _refuse_unsupported(module, path)
         if config.verify and model_implementation(module) == "eager" and eager_function(type(module)) is None:
             raise UnsupportedModuleError(
