@@ -1,27 +1,22 @@
-"""The shape probe: one forward of a timm model on the `meta` device at its default input
-size, recording (Nq, Nk) of every claimed attention module.
+"""The shape probe of timm models (`lcaam_patch.probe`) at their default input size,
+recording (Nq, Nk) of every claimed attention module.
 
 The probed model is the outermost module on the site's path that carries timm's
 `pretrained_cfg` (or `default_cfg`), so a timm backbone inside a user's wrapper is probed on
-its own. Parameters and buffers are swapped for meta tensors for the one call (nothing is
-copied or computed), the model runs in eval mode and is left as it was. Results are cached
-per probed model and recomputed when its claimed modules or input size change, so one
-`apply` probes once.
+its own. Results are cached per probed model and recomputed when its claimed modules or
+input size change, so one `apply` probes once.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-TokenCounter = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[int, int]]
-"""(module, forward args, forward kwargs) → (Nq, Nk) of that call."""
+from ...probe import InputMaker, TokenCounter, probe_tokens
 
 _Key = tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
@@ -44,7 +39,8 @@ def probed_tokens(
     key: _Key = (sizes, tuple(id(m) for _, m, _ in sites))
     cached = _CACHE.get(model)
     if cached is None or cached[0] != key:
-        cached = (key, _run(model, sites, sizes))
+        inputs = [_image_input(size) for size in sizes]
+        cached = (key, probe_tokens(model, sites, inputs))
         _CACHE[model] = cached
     return cached[1].get(path[len(prefix) :])
 
@@ -100,45 +96,10 @@ def _pair(size: Any) -> tuple[int, int] | None:
     return None
 
 
-def _run(
-    model: nn.Module, sites: list[tuple[str, nn.Module, TokenCounter]], sizes: tuple[tuple[int, ...], ...]
-) -> dict[str, tuple[int, int]]:
-    """(Nq, Nk) per site path, the maximum over its calls, for the first input size that runs."""
-    seen: dict[str, tuple[int, int]] = {}
+def _image_input(size: tuple[int, ...]) -> InputMaker:
+    """One image of `size` (C, H, W)."""
 
-    def recorder(path: str, count: TokenCounter) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            nq, nk = count(module, args, kwargs)
-            old_q, old_k = seen.get(path, (0, 0))
-            seen[path] = (max(old_q, nq), max(old_k, nk))
+    def make(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (torch.empty(1, *size, dtype=dtype),), {}
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(recorder(p, c), with_kwargs=True) for p, m, c in sites]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        for size in sizes:
-            seen.clear()
-            try:
-                _forward_on_meta(model, size)
-                return dict(seen)
-            except Exception:
-                continue
-        return {}
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-
-
-def _forward_on_meta(model: nn.Module, size: tuple[int, ...]) -> None:
-    with torch.no_grad(), torch.device("meta"):
-        tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
-        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-        x = torch.empty(1, *size, dtype=dtype)
-        if all(t.is_meta for t in tensors.values()):
-            model(x)
-        else:
-            functional_call(model, {name: t.to("meta") for name, t in tensors.items()}, (x,))
+    return make

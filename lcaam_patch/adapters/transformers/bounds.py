@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .probe import probed_tokens
+
 MAX_INFERRED_TOKENS = 16384
 """Above this many positions read off a config, the generator width must be given."""
 
@@ -39,7 +41,11 @@ def prefix_tokens(config: Any, root: nn.Module) -> int:
 
 
 def token_bounds(module: nn.Module, path: str, root: nn.Module, cross: bool) -> tuple[int | None, int | None]:
-    """(query bound, key bound) read off the module's config; None where there is none."""
+    """(query bound, key bound): what the shape probe sees the module called with in its
+    image model, else read off the module's config; None where there is none."""
+    probed = probed_tokens(module, path, root)
+    if probed is not None:
+        return probed
     config = module.config
     image = image_tokens(config, root)
     if image is not None:
@@ -66,8 +72,9 @@ def query_width(module: nn.Module) -> int | None:
         projection = getattr(module, name, None)
         if isinstance(projection, nn.Linear):
             return projection.in_features
-        if type(projection).__name__ == "Conv1D" and isinstance(getattr(projection, "weight", None), torch.Tensor):
-            return int(projection.weight.shape[0])  # transformers' Conv1D: weight (in, out)
+        weight = getattr(projection, "weight", None)
+        if type(projection).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            return int(weight.shape[0])  # transformers' Conv1D: weight (in, out)
     width = getattr(module.config, "hidden_size", None)
     return width if isinstance(width, int) else None
 

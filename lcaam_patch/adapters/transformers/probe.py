@@ -1,0 +1,94 @@
+"""Token bounds of vision models from what they really feed their attention: the shape probe
+(`lcaam_patch.probe`) of the outermost image model on a site's path, at its configured
+image size, so class, distillation, register and detection tokens, queries a model appends
+and video frames are all counted."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...probe import InputMaker, probe_tokens
+from .discovery import dispatches_through_interface, is_config, is_pretrained_model
+
+_Key = tuple[int, ...]
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
+
+
+def probed_tokens(module: nn.Module, path: str, root: nn.Module) -> tuple[int, int] | None:
+    """(Nq, Nk) of the module at `path` in one forward of its image model on meta, at the
+    configured image size; None when there is no image model on the path or it cannot run."""
+    found = _image_model(root, path)
+    if found is None:
+        return None
+    model, prefix = found
+    sites = [(p, m, _count) for p, m in model.named_modules() if _claimable(m)]
+    key = tuple(id(m) for _, m, _ in sites)
+    cached = _CACHE.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, probe_tokens(model, sites, _inputs(model, module)))
+        _CACHE[model] = cached
+    return cached[1].get(path[len(prefix) :])
+
+
+def _claimable(module: nn.Module) -> bool:
+    return is_config(getattr(module, "config", None)) and dispatches_through_interface(type(module))
+
+
+def _image_model(root: nn.Module, path: str) -> tuple[nn.Module, str] | None:
+    """The outermost transformers model on `path` whose input is `pixel_values`."""
+    module = root
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        if is_pretrained_model(module) and getattr(module, "main_input_name", None) == "pixel_values":
+            prefix = ".".join(parts[:i])
+            return module, f"{prefix}." if prefix else ""
+        if i < len(parts):
+            child = module._modules.get(parts[i])
+            if child is None:
+                return None
+            module = child
+    return None
+
+
+def _count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    keys = kwargs.get("encoder_hidden_states", kwargs.get("key_value_states"))
+    nq = x.shape[-2] if isinstance(x, torch.Tensor) else 0
+    return nq, keys.shape[-2] if isinstance(keys, torch.Tensor) else nq
+
+
+def _inputs(model: nn.Module, site: nn.Module) -> list[InputMaker]:
+    """Images (and videos) at each image size the site's and the model's configs give."""
+    configs = [getattr(site, "config", None), getattr(model, "config", None)]
+    configs += [getattr(c, "vision_config", None) for c in list(configs)]
+    makers: list[InputMaker] = []
+    for config in configs:
+        size = _pair(getattr(config, "image_size", None))
+        if size is None:
+            continue
+        channels = int(getattr(config, "num_channels", 3) or 3)
+        makers.append(_pixels((channels, *size)))
+        frames = getattr(config, "num_frames", None)
+        if isinstance(frames, int):
+            makers.append(_pixels((frames, channels, *size)))
+    return makers
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def _pixels(shape: tuple[int, ...]) -> Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]:
+    def make(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (), {"pixel_values": torch.empty(1, *shape, dtype=dtype)}
+
+    return make
