@@ -8,7 +8,8 @@ attention interface) may meet a class it does not understand. Such adapters set
 1. with M at the fusion's neutral value (what an identity-initialised generator outputs),
    LCAAM computes the upstream's own result for that call, within `tolerance(dtype)`;
 2. the result depends on M: a perturbed M on the same inputs changes it (checked where
-   some query attends two keys or more; with one key softmax leaves nothing to change).
+   some query attends two keys or more whose scores M can move; with one key softmax leaves
+   nothing to change, and under `mul` a score of 0 stays 0).
 
 A site that fails raises `UnsupportedModuleError` naming the class and what differed. The
 cost is a few extra attention computations per site, once; `apply(..., verify=False)`
@@ -61,8 +62,8 @@ def verify_first_call(
             returning its output in the upstream's layout, without dropout.
         reference: the upstream's own attention for this call, same layout, no dropout.
         mask_shape: (B, Nq, Nk) of M.
-        attended: bool, broadcastable to (B, H, Nq, Nk): the keys each query may attend;
-            None when every key is attended.
+        attended: bool, broadcastable to (B, H, Nq, Nk): the keys each query attends where
+            M can change the score (under `mul`, not where QKᵀ is 0); None for every key.
     """
     with torch.no_grad():
         expected = reference()

@@ -130,6 +130,10 @@ def lcaam_attention_function(
             extra["position_bias"] = position_bias
         upstream = upstream_attention(module, state.implementation)
         probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
+        attended = masking.upstream_mask(probe).full_keep()
+        if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
+            moves = (query @ key.transpose(-2, -1)) != 0
+            attended = moves if attended is None else attended & moves
         verify_first_call(
             site,
             type(module).__name__,
@@ -138,7 +142,7 @@ def lcaam_attention_function(
                 module, query, given_key, given_value, given_mask, dropout=0.0, scaling=scaling, **extra
             )[0],
             mask_shape=(query.shape[0], num_queries, num_keys),
-            attended=masking.upstream_mask(probe).full_keep(),
+            attended=attended,
         )
     return output, weights
 
