@@ -643,6 +643,42 @@ def test_generate_gives_the_same_tokens_with_and_without_cache(sliding_window: i
     assert (_generate(model, ids, mask, use_cache=False)[1] - without[1]).abs().max() > 1e-2
 
 
+@pytest.mark.skipif(not hasattr(transformers, "Gemma3nTextConfig"), reason="no Gemma 3n in this release")
+@pytest.mark.parametrize("generator", ["mlp", "lowrank"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_layers_that_reuse_another_layers_keys_generate_the_same_with_and_without_cache(
+    implementation: str, generator: str
+) -> None:
+    """Gemma 3n's KV-shared layers keep no cache of their own (a DummyLayer): their key
+    columns follow the layer whose keys they reuse, full and sliding."""
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=V,
+        vocab_size_per_layer_input=V,
+        hidden_size=64,
+        hidden_size_per_layer_input=8,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_kv_shared_layers=2,
+        max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        laurel_rank=4,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 4,
+    )
+    model = transformers.Gemma3nForCausalLM._from_config(config, attn_implementation=implementation).eval()
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model, generator=generator)
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    _perturb(model, 0.3)
+    _assert_same_generation(_generate(model, ids), _generate(model, ids, use_cache=False))
+
+
 def test_generate_encoder_decoder_with_cache() -> None:
     model = lcaam_patch.apply(FAMILIES["bart"]().build("sdpa").eval())
     _perturb(model, 0.3)

@@ -161,8 +161,10 @@ class TransformersAdapter(Adapter):
         call = Call(x, kv_tokens, 0, False)
         if layer is not None:
             call.offset, call.from_cache = layer.offset, bool(layer.past) or layer.static
+            call.positions = layer.past + x.shape[-2]
             if getattr(module._modules.get(GENERATOR_NAME), "reads_key_tokens", False):
-                call.kv_tokens, call.offset = state.stash.key_tokens(layer, x, site.path), 0
+                call.kv_tokens = state.stash.key_tokens(layer, x, site.path)
+                call.offset = 0 if layer.offset is not None else None
         state.stash.calls.append(call)
         try:
             output = type(module).forward(module, *args, **kwargs)

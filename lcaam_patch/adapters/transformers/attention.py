@@ -82,6 +82,9 @@ def lcaam_attention_function(
         causal = bool(wanted) and num_queries > 1
     attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
     kv_tokens = call.kv_tokens
+    offset = call.key_offset(num_keys)
+    if kv_tokens is not None and call.offset is None:  # the last keys of a layer that reuses another's
+        kv_tokens = kv_tokens[:, offset:]
     if kv_tokens is not None and kv_tokens.shape[-2] != num_keys:
         if kv_tokens.shape[-2] > num_keys:
             raise UnsupportedModuleError(
@@ -90,16 +93,16 @@ def lcaam_attention_function(
             )
         # a static cache's slots after the filled ones: hard-masked, so their M never counts
         kv_tokens = torch.nn.functional.pad(kv_tokens, (0, 0, 0, num_keys - kv_tokens.shape[-2]))
-    mask = site.mask(module, call.x, call.offset + num_keys, kv_tokens)
+    mask = site.mask(module, call.x, (0 if kv_tokens is not None else offset) + num_keys, kv_tokens)
     if isinstance(mask, LowRankMask) and kv_tokens is None and (call.from_cache or num_keys != call.x.shape[-2]):
         raise UnsupportedModuleError(
             f"{site.path!r}: generator='lowrank' reads the key tokens, but these keys come from a "
             f"KV cache LCAAM cannot follow ({type(module).__name__} gave no cache layers); run "
             f"without a cache (use_cache=False) or use generator='mlp'"
         )
-    if call.offset:
+    if offset and kv_tokens is None:
         assert isinstance(mask, torch.Tensor)
-        mask = mask[..., call.offset :]
+        mask = mask[..., offset:]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     def attend(m: torch.Tensor | LowRankMask, p: float, weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
