@@ -201,3 +201,22 @@ def test_a_query_length_other_than_the_input_is_refused_with_the_reason() -> Non
     lcaam_patch.apply(model)
     with pytest.raises(UnsupportedModuleError, match=r"not the queries' tokens"):
         model(_x())
+
+
+def test_a_class_that_passes_sinks_is_refused_at_apply() -> None:
+    """Sinks computed per token in the forward (Inkling 2) are seen in the source, at apply."""
+
+    class Sinking(InterfaceAttention):
+        def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> Any:
+            q, k, v = self.heads(hidden_states)
+            sinks = q.mean(dim=-1, keepdim=True)
+            attention_interface: Callable[..., Any] = plain_eager
+            if self.config._attn_implementation != "eager":
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            out, _ = attention_interface(self, q, k, v, attention_mask, sinks=sinks, **kwargs)
+            return self.o_proj(out.reshape(*hidden_states.shape[:2], -1)), None
+
+    model = Model(Sinking)
+    with pytest.raises(UnsupportedModuleError, match=r"Sinking at 'attn' uses attention sinks"):
+        lcaam_patch.apply(model)
+    assert not lcaam_patch.is_patched(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import sys
 from typing import Any
 
@@ -32,6 +33,7 @@ from .discovery import (
 from .switch import SWITCH, is_guard, refuse_switch
 
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+_PASSES_SINKS = re.compile(r"\bsinks\s*=\s*(?!None\b)\w")
 
 _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache", "layer_past")
 _KEY_TOKEN_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
@@ -218,9 +220,9 @@ def _refuse_unsupported(module: nn.Module, path: str) -> None:
             f"{name} at {path!r} soft-caps its attention logits ({softcap}), which LCAAM's fused "
             f"attention does not compute; set config.{softcap}=None, or exclude it with exclude=[{path!r}]"
         )
-    if "s_aux" in source or isinstance(getattr(module, "sinks", None), torch.Tensor):
+    if "s_aux" in source or _PASSES_SINKS.search(source) or isinstance(getattr(module, "sinks", None), torch.Tensor):
         raise UnsupportedModuleError(
-            f"{name} at {path!r} uses attention sinks (an extra logit per head), which LCAAM's "
+            f"{name} at {path!r} uses attention sinks (an extra logit per head or token), which LCAAM's "
             f"fused attention does not compute; exclude it with exclude=[{path!r}]"
         )
     if "cu_seqlens" in source or "cu_seq_lens" in source:
