@@ -132,11 +132,12 @@ def lcaam_attention_function(
         if position_bias is not None:
             extra["position_bias"] = position_bias
         upstream = upstream_attention(module, state.implementation)
-        probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
-        attended = masking.upstream_mask(probe).full_keep()
-        if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
-            moves = (query @ key.transpose(-2, -1)) != 0
-            attended = moves if attended is None else attended & moves
+        with torch.no_grad():  # nothing saved for backward: a recomputation skips the check
+            probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
+            attended = masking.upstream_mask(probe).full_keep()
+            if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
+                moves = (query @ key.transpose(-2, -1)) != 0
+                attended = moves if attended is None else attended & moves
         verify_first_call(
             site,
             type(module).__name__,
