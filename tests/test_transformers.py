@@ -946,3 +946,23 @@ def test_a_patched_model_pickles_and_deep_copies() -> None:
         lcaam_patch.remove(copied)
         assert all("set_attn_implementation" not in vars(m) for m in copied.modules())
         assert all(layer.self_attn.config is copied.config for layer in copied.model.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["mlp", "lowrank"])
+def test_static_cache_generation_compiles_fullgraph_with_the_eager_tokens(generator: str) -> None:
+    """The way transformers' docs compile generation (a static cache, the forward compiled
+    with fullgraph=True): no graph break (fullgraph raises on one) and eager's tokens."""
+    model = _llama(num_hidden_layers=1)
+    lcaam_patch.apply(model, generator=generator)
+    _perturb(model, 0.3)
+    ids = _ids(1, 5)
+    options: dict[str, Any] = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0)
+    eager = model.generate(ids, **options)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    try:
+        assert torch.equal(model.generate(ids, **options), eager)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
