@@ -220,3 +220,28 @@ def test_a_class_that_passes_sinks_is_refused_at_apply() -> None:
     with pytest.raises(UnsupportedModuleError, match=r"Sinking at 'attn' uses attention sinks"):
         lcaam_patch.apply(model)
     assert not lcaam_patch.is_patched(model)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_class_that_branches_on_the_implementation_name_is_refused_at_apply(implementation: str) -> None:
+    """DeepSeek-V3.2-style: a top-k index applied as a mask only under eager/sdpa, passed on
+    to the attention function otherwise; LCAAM's switch would take the other branch."""
+
+    class Indexed(InterfaceAttention):
+        def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> Any:
+            q, k, v = self.heads(hidden_states)
+            sparse_indices = None
+            if self.config._attn_implementation in ("eager", "sdpa"):
+                attention_mask = torch.zeros(1, 1, q.shape[-2], k.shape[-2]).tril().log()
+            else:
+                sparse_indices = torch.arange(q.shape[-2])
+            attention_interface: Callable[..., Any] = plain_eager
+            if self.config._attn_implementation != "eager":
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            out, _ = attention_interface(self, q, k, v, attention_mask, sparse_indices=sparse_indices, **kwargs)
+            return self.o_proj(out.reshape(*hidden_states.shape[:2], -1)), None
+
+    model = Model(Indexed, implementation)
+    with pytest.raises(UnsupportedModuleError, match=r"Indexed at 'attn' builds what it hands its attention"):
+        lcaam_patch.apply(model)
+    assert not lcaam_patch.is_patched(model)

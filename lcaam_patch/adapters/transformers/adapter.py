@@ -24,6 +24,7 @@ from .discovery import (
     dispatches_through_interface,
     forward_parameters,
     forward_source,
+    implementation_branches,
     is_config,
     is_cross,
     is_pretrained_model,
@@ -213,6 +214,16 @@ def _refuse_unsupported(module: nn.Module, path: str) -> None:
             f"Build the model with attn_implementation='sdpa' (or call "
             f"model.set_attn_implementation('sdpa')) before lcaam_patch.apply"
         )
+    for kind, names in implementation_branches(type(module)):
+        if implementation in names and (kind == "in" or implementation != "eager"):
+            others = [n for n in SUPPORTED_IMPLEMENTATIONS if n not in names]
+            way_out = f"build the model with attn_implementation={others[0]!r}, or " if others else ""
+            raise UnsupportedModuleError(
+                f"{name} at {path!r} builds what it hands its attention function by the implementation's "
+                f"name (attn_implementation {kind} {sorted(names)}), and LCAAM's per-module switch to its "
+                f"own function would send it down another branch (e.g. a sparse top-k index passed on "
+                f"instead of applied as a mask); {way_out}exclude it with exclude=[{path!r}]"
+            )
     source = forward_source(type(module))
     softcap = config_flag(module, ("attn_logit_softcapping", "softcap", "logit_softcapping"))
     if softcap is not None:

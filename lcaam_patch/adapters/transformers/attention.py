@@ -18,6 +18,9 @@ from ...verification import needs_verification, verify_first_call
 from .calls import State
 from .discovery import forward_source
 
+_REFUSED_ARGUMENTS = ("softcap", "s_aux", "sinks", "sparse_indices", "topk_indices")
+"""Arguments that change what attention computes and that LCAAM's attention does not honour."""
+
 ATTENTION_FUNCTION = "lcaam"
 """The name LCAAM's attention function is registered under in `AttentionInterface`."""
 
@@ -55,7 +58,7 @@ def lcaam_attention_function(
             f"running its LCAAM-patched forward; call the module itself (module(...)), not its class's "
             f"forward, and do not set attn_implementation={ATTENTION_FUNCTION!r} yourself"
         )
-    for option in ("softcap", "s_aux", "sinks"):
+    for option in _REFUSED_ARGUMENTS:
         if kwargs.get(option) is not None:
             raise UnsupportedModuleError(
                 f"{site.path!r} passed {option} to its attention function, which LCAAM's fused attention "

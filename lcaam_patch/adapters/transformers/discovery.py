@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from typing import Any
 
@@ -83,3 +84,31 @@ def is_pretrained_model(module: nn.Module) -> bool:
     """Whether `module` is a transformers `PreTrainedModel`."""
     base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     return isinstance(base, type) and isinstance(module, base)
+
+
+_BRANCH = re.compile(r"_attn_implementation\s*(?:(==|!=)\s*[\"'](\w+)[\"']|(not\s+in|in)\s*[\(\[]([^\)\]]*)[\)\]])")
+_CLASS_SOURCES: dict[type, str] = {}
+
+
+def implementation_branches(cls: type[nn.Module]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """The implementation names `cls`'s own code branches on, besides picking its attention
+    function: ("==" | "in", names) for each `config._attn_implementation == "x"` or
+    `... in ("x", "y")` in the class source, skipping the `!= "eager"` that chooses between
+    eager and `ALL_ATTENTION_FUNCTIONS` (transformers 4.x)."""
+    if cls not in _CLASS_SOURCES:
+        try:
+            _CLASS_SOURCES[cls] = inspect.getsource(cls)
+        except (OSError, TypeError):
+            _CLASS_SOURCES[cls] = ""
+    source = _CLASS_SOURCES[cls]
+    found: list[tuple[str, frozenset[str]]] = []
+    for match in _BRANCH.finditer(source):
+        operator, name, _, names = match.groups()
+        if operator is not None:
+            following = source[match.end() : match.end() + 400]
+            if operator == "!=" and name == "eager" and "ALL_ATTENTION_FUNCTIONS[" in following:
+                continue
+            found.append(("==", frozenset({name})))
+        else:
+            found.append(("in", frozenset(re.findall(r"[\"'](\w+)[\"']", names))))
+    return tuple(found)
