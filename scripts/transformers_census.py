@@ -7,7 +7,7 @@ Each model type of `CONFIG_MAPPING` is built tiny and at random from its config 
 defaults, shrunk recursively into the sub-configs: widths, heads, layers, vocabularies,
 image and audio sizes; `OVERRIDES` fixes what the generic rules get wrong), under each
 `attn_implementation`, and given generated inputs (text with a padded row, images, audio).
-The output compared is the first floating tensor of the model's output, in eval mode.
+The output compared is every floating tensor of the model's output, in eval mode.
 Each (type, implementation) runs in its own forked process under a timeout and gets one
 status:
 
@@ -264,24 +264,27 @@ def _keys(tree: dict[str, Any]) -> list[str]:
     return [str(k) for k, v in tree.items() for k in [k, *(_keys(v) if isinstance(v, dict) else [])]]
 
 
-def first_float(output: Any) -> torch.Tensor:
-    """The first floating tensor of a model output (ModelOutput, tuple, dict or tensor)."""
-    if isinstance(output, torch.Tensor):
-        if output.is_floating_point():
-            return output
-    elif isinstance(output, dict):
-        for value in output.values():
-            try:
-                return first_float(value)
-            except LookupError:
-                continue
-    elif isinstance(output, (tuple, list)):
-        for value in output:
-            try:
-                return first_float(value)
-            except LookupError:
-                continue
-    raise LookupError("the output holds no floating tensor")
+def floats(output: Any) -> torch.Tensor:
+    """Every floating tensor of a model output (ModelOutput, tuple, dict or tensor),
+    flattened into one vector: a model's first output may not depend on its attention
+    (Deformable DETR's reference points)."""
+    found: list[torch.Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                found.append(value.flatten())
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                collect(item)
+
+    collect(output)
+    if not found:
+        raise LookupError("the output holds no floating tensor")
+    return torch.cat(found)
 
 
 def _jitter(model: nn.Module) -> None:
@@ -300,7 +303,7 @@ def _run(model: nn.Module, inputs: dict[str, Any], grad: bool = False) -> torch.
     """The output compared; seeded, so that models drawing noise (MAE masking) repeat."""
     torch.manual_seed(3)
     with torch.set_grad_enabled(grad):
-        return first_float(model(**inputs))
+        return floats(model(**inputs))
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -966,3 +966,32 @@ def test_static_cache_generation_compiles_fullgraph_with_the_eager_tokens(genera
     finally:
         del model.forward
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "build, tokens",
+    [
+        (lambda: transformers.DeiTModel(transformers.DeiTConfig(**_VISION, image_size=32, patch_size=8)), 18),
+        (
+            lambda: transformers.YolosModel(
+                transformers.YolosConfig(**_VISION, image_size=[32, 32], patch_size=8, num_detection_tokens=5)
+            ),
+            22,
+        ),
+    ],
+    ids=["deit", "yolos"],
+)
+def test_image_models_are_bounded_by_what_they_feed_their_attention(
+    build: Callable[[], nn.Module], tokens: int
+) -> None:
+    """The shape probe counts DeiT's distillation token and YOLOS's detection tokens."""
+    model = build().eval()
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model)
+    assert {site.geometry.max_kv_tokens for _, _, site in lcaam_patch.patched_sites(model)} == {tokens}
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).last_hidden_state, reference(pixels).last_hidden_state)
+
+
+_VISION: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)

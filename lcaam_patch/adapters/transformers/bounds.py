@@ -58,6 +58,9 @@ def token_bounds(module: nn.Module, path: str, root: nn.Module, cross: bool) -> 
             return target, source
         bound = target if decoder else source
         return bound, bound
+    queries = getattr(config, "num_queries", None)
+    if isinstance(queries, int) and "decoder" in path.split(".") and not cross:  # DETR's object queries
+        return queries, queries
     positions = getattr(config, "max_position_embeddings", None)
     return positions, positions
 

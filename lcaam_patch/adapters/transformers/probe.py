@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import UnsupportedModuleError
 from ...probe import InputMaker, probe_tokens
 from .discovery import dispatches_through_interface, is_config, is_pretrained_model
 
@@ -21,7 +22,10 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, in
 
 def probed_tokens(module: nn.Module, path: str, root: nn.Module) -> tuple[int, int] | None:
     """(Nq, Nk) of the module at `path` in one forward of its image model on meta, at the
-    configured image size; None when there is no image model on the path or it cannot run."""
+    configured image size; None when there is no image model on the path or it cannot run.
+
+    Raises `UnsupportedModuleError` when the probe sees the module called with hidden states
+    that are not a (B, N, C) token sequence (a (B, H, W, C) window of a feature map)."""
     found = _image_model(root, path)
     if found is None:
         return None
@@ -32,7 +36,14 @@ def probed_tokens(module: nn.Module, path: str, root: nn.Module) -> tuple[int, i
     if cached is None or cached[0] != key:
         cached = (key, probe_tokens(model, sites, _inputs(model, module)))
         _CACHE[model] = cached
-    return cached[1].get(path[len(prefix) :])
+    found_tokens = cached[1].get(path[len(prefix) :])
+    if found_tokens is not None and found_tokens[0] < 0:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} at {path!r} is called with {-found_tokens[0]}-D hidden states (a "
+            f"window of a feature map, not a (B, N, C) token sequence), so its queries are not the "
+            f"tokens LCAAM's generator reads; exclude it with exclude=[{path!r}]"
+        )
+    return found_tokens
 
 
 def _claimable(module: nn.Module) -> bool:
@@ -56,7 +67,10 @@ def _image_model(root: nn.Module, path: str) -> tuple[nn.Module, str] | None:
 
 
 def _count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(Nq, Nk) of one call; (-rank, -rank) for hidden states that are not 3-D."""
     x = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(x, torch.Tensor) and x.dim() != 3:
+        return -x.dim(), -x.dim()
     keys = kwargs.get("encoder_hidden_states", kwargs.get("key_value_states"))
     nq = x.shape[-2] if isinstance(x, torch.Tensor) else 0
     return nq, keys.shape[-2] if isinstance(keys, torch.Tensor) else nq
