@@ -22,7 +22,7 @@ from ...site import GENERATOR_NAME, LCAAMSite, SiteGeometry
 from ..base import Adapter
 from ..registry import registered_adapters
 from .intercept import Expected, Forward, Intercept, State, enter_child, leave_child
-from .probe import Key, Record, probe
+from .probe import Key, Record, candidate, probe
 
 COMPILE_FLOOR = (2, 6)
 """The first torch whose Dynamo traces a `TorchFunctionMode` created in compiled code."""
@@ -50,6 +50,8 @@ class SDPAAdapter(Adapter):
 
     def declines(self, module: nn.Module, path: str, root: nn.Module) -> str | None:
         """Why a candidate the probe ran is not claimed."""
+        if not candidate(module):
+            return None
         found = probe(root)
         if path in found.failures:
             return f"the SDPA probe could not run it: {found.failures[path]}"
@@ -85,7 +87,7 @@ class SDPAAdapter(Adapter):
 
     def prepare(self, module: nn.Module, root: nn.Module) -> State:
         """Count the running descendants, so that their SDPA calls are not this site's."""
-        state = State(_EXPECTED.pop(module))
+        state = State(_EXPECTED.pop(module), type(module).forward)
         for child in _descendants(module):
             child.register_forward_pre_hook(functools.partial(enter_child, state))
             child.register_forward_hook(functools.partial(leave_child, state), always_call=True)
@@ -120,7 +122,7 @@ class SDPAAdapter(Adapter):
         state.forwards.append(current)
         try:
             with Intercept(module, site, current):
-                output = type(module).forward(module, *args, **kwargs)
+                output = state.forward(module, *args, **kwargs)
         finally:
             state.forwards.pop()
         if current.calls == 0 and not torch.compiler.is_compiling():

@@ -50,9 +50,12 @@ class Forward:
 
 @dataclasses.dataclass
 class State:
-    """A site's adapter state: what `apply` saw, and the forwards running now."""
+    """A site's adapter state: what `apply` saw, the class's own forward (read once: Dynamo
+    does not trace attribute reads on classes marked allow-in-graph, as diffusers marks its
+    `Attention`), and the forwards running now."""
 
     expected: Expected
+    forward: Callable[..., Any]
     forwards: list[Forward] = dataclasses.field(default_factory=list)
 
 
