@@ -118,25 +118,60 @@ def _probe_with(root: nn.Module, given: tuple[tuple[Any, ...], dict[str, Any]]) 
 def _probe_alone(root: nn.Module) -> Probe:
     records: dict[str, Record] = {}
     failures: dict[str, str] = {}
+    for prefix, model in _image_models(root):
+        found: dict[str, Record] = {}
+        try:
+            _run(model, _images(model.pretrained_cfg["input_size"]), found, real=True)
+        except Exception:
+            continue
+        records.update({_join(prefix, path): record for path, record in found.items()})
     for path, module in root.named_modules():
-        if not candidate(module) or GENERATOR_NAME in path.split("."):
+        if path in records or not candidate(module) or GENERATOR_NAME in path.split("."):
             continue
         width = made_up_width(module)
         if width is None:
             failures[path] = "no Linear or LayerNorm gives the width of its input; pass example_inputs=(...)"
             continue
-        found: dict[str, Record] = {}
-        try:
-            _run(module, _made_up(width), found, real=False)
-        except Exception as error:
-            failures[path] = (
-                f"it did not run alone on a made-up input (2, {MADE_UP_TOKENS}, {width}) "
-                f"({type(error).__name__}: {error}); pass example_inputs=(...)"
-            )
-            continue
+        found = {}
+        error: Exception | None = None
+        for make in _made_up(module, width):
+            try:
+                _run(module, make, found, real=False)
+                break
+            except Exception as failure:
+                found, error = {}, error or failure
         if "" in found:
             records[path] = found[""]
+        elif error is not None:
+            failures[path] = (
+                f"it did not run alone on a made-up input (2, {MADE_UP_TOKENS}, {width}) "
+                f"({type(error).__name__}: {error}); pass example_inputs=(...) to apply"
+            )
     return Probe(records, failures)
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+def _image_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost modules that declare their input size as timm does
+    (`pretrained_cfg["input_size"]`, (C, H, W)): they are probed on an image of that size."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in root.named_modules():
+        config = getattr(module, "pretrained_cfg", None)
+        size = config.get("input_size") if isinstance(config, dict) else None
+        inside = any(path.startswith(f"{p}.") or not p for p, _ in found)
+        if not inside and isinstance(size, (tuple, list)) and len(size) == 3:
+            found.append((path, module))
+    return found
+
+
+def _images(size: tuple[int, ...]) -> Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]:
+    def make(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (torch.empty(1, *size, dtype=dtype),), {}
+
+    return make
 
 
 def candidate(module: nn.Module) -> bool:
@@ -161,11 +196,33 @@ def made_up_width(module: nn.Module) -> int | None:
     return None
 
 
-def _made_up(width: int) -> Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]:
-    def make(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+CONTEXT_ARGUMENTS = ("encoder_hidden_states", "context", "key_value_states", "memory")
+"""Keyword arguments that, by convention, carry the key tokens of cross-attention."""
+
+MADE_UP_KEYS = 11
+"""The key count of a made-up cross-attention input (not `MADE_UP_TOKENS`, so it shows)."""
+
+
+def _made_up(module: nn.Module, width: int) -> list[Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """The made-up inputs tried in turn: X (2, 7, C) alone; then, for a forward that takes
+    one of `CONTEXT_ARGUMENTS`, with key tokens (2, 11, C') too, C' the first other width
+    its Linears read (C when there is none)."""
+    try:
+        parameters = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    context = next((name for name in CONTEXT_ARGUMENTS if name in parameters), None)
+    widths = [m.in_features for m in module.modules() if isinstance(m, nn.Linear)]
+    key_width = next((w for w in widths if w != width), width)
+
+    def alone(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (torch.empty(2, MADE_UP_TOKENS, width, dtype=dtype),), {}
 
-    return make
+    def with_context(dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        assert context is not None
+        return alone(dtype)[0], {context: torch.empty(2, MADE_UP_KEYS, key_width, dtype=dtype)}
+
+    return [alone] if context is None else [alone, with_context]
 
 
 def _run(
