@@ -4,6 +4,12 @@ The walk → claim → plan → inject shape of PEFT's tuners: every registered 
 whether it claims each module; the claimed modules are validated and planned (geometry,
 global-mode stacks, generators) before the first one is touched, and a failure while
 injecting undoes what was injected, so a failed `apply` leaves the model as it was.
+
+Besides the public verbs (`apply`, `remove`, `is_patched`, `patched_sites`,
+`reset_generators`, exported by `lcaam_patch`), this module is the declared internal API that
+tools/, cli/, pretrained.py and state_dict.py build on: the names in `INTERNAL_API`. They are
+not exported from `lcaam_patch` and may change between releases; a test checks that nothing
+outside this module imports any other of its names.
 """
 
 from __future__ import annotations
@@ -130,6 +136,20 @@ def apply(
 
 
 OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(LCAAMConfig))
+
+INTERNAL_API = (
+    "Claim",
+    "claims",
+    "claimant",
+    "site_geometry",
+    "looks_like_attention",
+    "parameter_count",
+    "probe_call",
+    "require_module",
+    "require_patched",
+    "resolve_config",
+)
+"""What the rest of the package (and scripts/) may import from here besides the public verbs."""
 
 _Snapshot = list[tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]]
 

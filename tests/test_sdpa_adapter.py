@@ -194,7 +194,7 @@ def test_dropout_runs_as_the_call_asked() -> None:
 
 
 def test_patched_per_instance_the_class_is_untouched(user: UserModel) -> None:
-    x, mask = _inputs()
+    x, _ = _inputs()
     decoder_before = user.decoder(x)
     lcaam_patch.apply(user, max_kv_tokens=8, exclude=["decoder"])
     assert "forward" not in vars(user.decoder) and "forward" in vars(user.encoder)

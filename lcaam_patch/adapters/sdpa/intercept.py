@@ -137,7 +137,15 @@ def attend(
 
     def compute(m: torch.Tensor | LowRankMask, p: float) -> torch.Tensor:
         call = AttentionCall(
-            query, key, value, m, fusion=site.fusion, scale=scaling, attn_mask=attn_mask, is_causal=is_causal, dropout_p=p
+            query,
+            key,
+            value,
+            m,
+            fusion=site.fusion,
+            scale=scaling,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=p,
         )
         out = (site.run(call) if m is mask else run(call, site.backend)).output
         if dead_rows is not None:

@@ -118,10 +118,10 @@ def _probe_with(root: nn.Module, given: tuple[tuple[Any, ...], dict[str, Any]]) 
 def _probe_alone(root: nn.Module) -> Probe:
     records: dict[str, Record] = {}
     failures: dict[str, str] = {}
-    for prefix, model in _image_models(root):
+    for prefix, model, size in _image_models(root):
         found: dict[str, Record] = {}
         try:
-            _run(model, _images(model.pretrained_cfg["input_size"]), found, real=True)
+            _run(model, _images(size), found, real=True)
         except Exception:
             continue
         records.update({_join(prefix, path): record for path, record in found.items()})
@@ -154,16 +154,16 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
-def _image_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def _image_models(root: nn.Module) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """The outermost modules that declare their input size as timm does
     (`pretrained_cfg["input_size"]`, (C, H, W)): they are probed on an image of that size."""
-    found: list[tuple[str, nn.Module]] = []
+    found: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     for path, module in root.named_modules():
         config = getattr(module, "pretrained_cfg", None)
         size = config.get("input_size") if isinstance(config, dict) else None
-        inside = any(path.startswith(f"{p}.") or not p for p, _ in found)
+        inside = any(path.startswith(f"{p}.") or not p for p, _, _ in found)
         if not inside and isinstance(size, (tuple, list)) and len(size) == 3:
-            found.append((path, module))
+            found.append((path, module, tuple(int(s) for s in size)))
     return found
 
 
