@@ -7,7 +7,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lcaam_patch"
 UPSTREAMS = {"timm", "transformers", "peft", "accelerate", "qd_detr", "llama", "src"}
-CORE = ("errors", "config", "generators", "site", "patching", "state_dict", "compat", "verification", "probe", "backends")
+CORE = (
+    "errors",
+    "config",
+    "generators",
+    "site",
+    "patching",
+    "state_dict",
+    "compat",
+    "verification",
+    "probe",
+    "backends",
+)
 
 
 def _module_name(path: Path) -> str:

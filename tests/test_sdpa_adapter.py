@@ -474,3 +474,30 @@ def test_diffusers_compile_checkpoint_and_pretrained(tmp_path) -> None:  # type:
     assert all(p.grad is not None for p in _lcaam_parameters(attention))
     lcaam_patch.save_pretrained(attention, tmp_path)
     torch.testing.assert_close(lcaam_patch.from_pretrained(fresh, tmp_path)(x), eager)
+
+
+# timm models whose attention no adapter claims but which call SDPA (15 in timm 1.0.31's census)
+
+
+@pytest.mark.parametrize(
+    ("name", "outcome"),
+    [
+        ("gemma4_vit_167m", "Gemma4Attention"),
+        ("samvit_base_patch16_224", "4-D feature map"),
+        ("sam2_hiera_tiny", "4-D feature map"),
+        ("vit_dwee_patch16_reg1_gap_256", "2 times per forward"),
+    ],
+)
+def test_unclaimed_timm_models_that_call_sdpa(name: str, outcome: str) -> None:
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    if name.startswith("gemma4"):
+        with pytest.warns(UserWarning, match="meta device"):
+            lcaam_patch.apply(model)
+        sites = lcaam_patch.patched_sites(model)
+        assert sites and {type(m).__name__ for _, m, _ in sites} == {outcome}
+        assert all(s.adapter.name == "sdpa" and s.geometry.max_kv_tokens for _, _, s in sites)
+        return
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=outcome):
+        lcaam_patch.apply(model)
