@@ -43,10 +43,10 @@ class SDPAAdapter(Adapter):
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """Modules whose own forward called SDPA in the probe, of no class an adapter declares
         inapplicable, MultiheadAttention (whose call a mode does not see) excluded."""
-        if isinstance(module, nn.MultiheadAttention) or _inapplicable(module):
+        if isinstance(module, nn.MultiheadAttention):
             return False
         record = probe(root).records.get(path)
-        return record is not None and any(f.calls for f in record.forwards)
+        return record is not None and any(f.calls for f in record.forwards) and not _inapplicable(module)
 
     def declines(self, module: nn.Module, path: str, root: nn.Module) -> str | None:
         """Why a candidate the probe ran is not claimed."""
