@@ -87,6 +87,7 @@ class _Counter(TorchFunctionMode):
 
 
 def test_a_mode_sees_both_spellings_of_sdpa_and_helpers_in_other_files_but_not_the_aten_op() -> None:
+    pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
@@ -412,6 +413,7 @@ def test_a_failing_prepare_leaves_the_model_as_it_was(user: UserModel) -> None:
 
 
 def _diffusers_block() -> nn.Module:
+    pytest.importorskip("diffusers")
     from diffusers.models.attention import BasicTransformerBlock
 
     torch.manual_seed(0)
@@ -419,6 +421,7 @@ def _diffusers_block() -> nn.Module:
 
 
 def test_diffusers_attention_self_and_cross_with_only_a_bound() -> None:
+    pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     block = _diffusers_block()
@@ -458,6 +461,7 @@ def test_diffusers_lowrank_reads_the_key_tokens_and_example_inputs_bound_it() ->
 
 
 def test_diffusers_compile_checkpoint_and_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     torch.manual_seed(0)
