@@ -15,6 +15,7 @@ FUSIONS = ("mul", "add")
 ACTIVATIONS = ("none", "sigmoid", "softplus")
 INITS = ("identity", "default")
 GENERATORS = ("mlp", "lowrank")
+GENERIC = ("auto", "on", "off")
 
 
 def _option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -54,6 +55,12 @@ class LCAAMConfig:
     verify: bool = _option(
         True, "sites whose claim is inferred (transformers) check themselves at their first call; False skips it"
     )
+    generic: str = _option(
+        "auto",
+        "modules no adapter claims that call SDPA once per forward: 'auto' patches them in models where no "
+        "adapter claims anything, 'on' in every model, 'off' never",
+        GENERIC,
+    )
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -62,6 +69,7 @@ class LCAAMConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("backend", self.backend, ("auto", *backend_names()))
         _check_choice("generator", self.generator, GENERATORS)
+        _check_choice("generic", self.generic, GENERIC)
         _check_positive_int("depth", self.depth)
         _check_positive_int("rank", self.rank)
         if self.generator == "mlp" and self.rank != 1:

@@ -4,6 +4,12 @@ The walk → claim → plan → inject shape of PEFT's tuners: every registered 
 whether it claims each module; the claimed modules are validated and planned (geometry,
 global-mode stacks, generators) before the first one is touched, and a failure while
 injecting undoes what was injected, so a failed `apply` leaves the model as it was.
+
+Besides the public verbs (`apply`, `remove`, `is_patched`, `patched_sites`,
+`reset_generators`, exported by `lcaam_patch`), this module is the declared internal API that
+tools/, cli/, pretrained.py and state_dict.py build on: the names in `INTERNAL_API`. They are
+not exported from `lcaam_patch` and may change between releases; a test checks that nothing
+outside this module imports any other of its names.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import probe
 from .adapters import Adapter, get_preset, registered_adapters
 from .backends import AttentionCall, LowRankMask, refusal
 from .config import LCAAMConfig
@@ -82,14 +89,19 @@ def apply(
     generator: str = _UNSET,
     rank: int = _UNSET,
     verify: bool = _UNSET,
+    generic: str = _UNSET,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Patch every supported attention module of `model` with LCAAM, in place.
 
     Each option is described in `LCAAMConfig` (the defaults: mode="multilayer",
     fusion="mul", depth=1, activation="none", init="identity", backend="auto",
-    generator="mlp", verify=True); `preset` supplies a registered set of options and the explicit
-    arguments override it. Everything is validated before the model is touched: on error
-    the model is unchanged. Returns `model`.
+    generator="mlp", verify=True, generic="auto"); `preset` supplies a registered set of options
+    and the explicit arguments override it. `example_inputs` (a tensor, a tuple of positional
+    or a dict of keyword arguments of one forward of `model`; not an option of the config,
+    as it holds tensors) is what adapters that probe the model run it on, on `meta` (see
+    docs/sdpa.md). Everything is validated before the model is touched: on error the model
+    is unchanged. Returns `model`.
     """
     options = {name: value for name, value in locals().items() if name in OPTION_NAMES and value is not _UNSET}
     require_module(model, "apply")
@@ -100,9 +112,11 @@ def apply(
             "this model is already patched with LCAAM; call lcaam_patch.remove(model) "
             "before applying it again with other options"
         )
-    planned = _plan(model, config)
+    with probe.example_inputs(example_inputs):
+        planned = _plan(model, config)
     generators = _build_generators(planned, config)
     injected: list[nn.Module] = []
+    before = _snapshot(model)
     try:
         for site in planned:
             injected.append(site.module)
@@ -110,6 +124,7 @@ def apply(
     except BaseException:
         for module in reversed(injected):
             _unpatch(module)
+        _restore(before)
         raise
     if any(p.is_meta for g in generators.values() for p in g.parameters()):
         warnings.warn(
@@ -121,6 +136,41 @@ def apply(
 
 
 OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(LCAAMConfig))
+
+INTERNAL_API = (
+    "Claim",
+    "claims",
+    "claimant",
+    "site_geometry",
+    "looks_like_attention",
+    "parameter_count",
+    "probe_call",
+    "require_module",
+    "require_patched",
+    "resolve_config",
+)
+"""What the rest of the package (and scripts/) may import from here besides the public verbs."""
+
+_Snapshot = list[tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]]
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
+    """Every module's attributes, and the contents of its dicts (hooks, submodules,
+    parameters, buffers), so that a failed `apply` can put back whatever an adapter's
+    `prepare` changed before it raised."""
+    return [
+        (m, dict(vars(m)), {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict)}) for m in model.modules()
+    ]
+
+
+def _restore(snapshot: _Snapshot) -> None:
+    for module, attributes, contents in snapshot:
+        vars(module).clear()
+        vars(module).update(attributes)
+        for name, content in contents.items():
+            held = vars(module)[name]
+            held.clear()
+            held.update(content)
 
 
 def resolve_config(preset: str | None, options: Mapping[str, Any]) -> LCAAMConfig:
@@ -303,6 +353,14 @@ def claims(model: nn.Module, config: LCAAMConfig) -> list[Claim]:
     module: the dry run of `apply` that `_plan`, `survey` and `from_pretrained` share.
     Changes nothing; an adapter's refusal is recorded, not raised."""
     adapters = list(registered_adapters().values())
+    specific = [a for a in adapters if not a.fallback]
+    found = _claims_by(specific, model, config)
+    if config.generic == "on" or (config.generic == "auto" and not found):
+        found = _claims_by(adapters, model, config)
+    return found
+
+
+def _claims_by(adapters: list[Adapter], model: nn.Module, config: LCAAMConfig) -> list[Claim]:
     found: list[Claim] = []
     for path, module in model.named_modules():
         adapter = claimant(adapters, module, path, model)

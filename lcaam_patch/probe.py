@@ -8,8 +8,10 @@ computed), the model runs in eval mode and is left as it was.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +23,50 @@ TokenCounter = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[int,
 
 InputMaker = Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]
 """dtype → (args, kwargs) of one forward of the probed model, made on the current device."""
+
+_EXAMPLE_INPUTS: contextvars.ContextVar[tuple[tuple[Any, ...], dict[str, Any]] | None] = contextvars.ContextVar(
+    "lcaam_example_inputs", default=None
+)
+
+
+@contextlib.contextmanager
+def example_inputs(inputs: Any) -> Iterator[None]:
+    """Make `inputs` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments of one forward of the model being patched; None for none) what
+    `given_inputs` returns while the block runs: `apply(..., example_inputs=...)` and
+    `survey` set it around their walk, so that adapters which probe can use them."""
+    token = _EXAMPLE_INPUTS.set(None if inputs is None else as_arguments(inputs))
+    try:
+        yield
+    finally:
+        _EXAMPLE_INPUTS.reset(token)
+
+
+def as_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`example_inputs` as (args, kwargs): a dict is keyword arguments, a tuple or list
+    positional ones, anything else the one positional argument."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def given_inputs() -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The example inputs of the `apply` or `survey` running now, as (args, kwargs), or None."""
+    return _EXAMPLE_INPUTS.get()
+
+
+def on_meta(value: Any) -> Any:
+    """`value` with every tensor in it (nested in tuples, lists and dicts) replaced by an
+    empty tensor of the same shape and dtype on `meta`."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(on_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: on_meta(v) for k, v in value.items()}
+    return value
 
 
 def probe_tokens(
@@ -45,7 +91,7 @@ def probe_tokens(
         for make in inputs:
             seen.clear()
             try:
-                _forward_on_meta(model, make)
+                forward_on_meta(model, make)
                 return dict(seen)
             except Exception:
                 continue
@@ -57,12 +103,13 @@ def probe_tokens(
             module.training = training
 
 
-def _forward_on_meta(model: nn.Module, make: InputMaker) -> None:
+def forward_on_meta(model: nn.Module, make: InputMaker) -> Any:
+    """One forward of `model` on `meta` with the inputs `make` builds, its parameters and
+    buffers swapped for meta tensors for the call; returns the (meta) output."""
     with torch.no_grad(), torch.device("meta"):
         tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
         args, kwargs = make(dtype)
         if all(t.is_meta for t in tensors.values()):
-            model(*args, **kwargs)
-        else:
-            functional_call(model, {name: t.to("meta") for name, t in tensors.items()}, args, kwargs)
+            return model(*args, **kwargs)
+        return functional_call(model, {name: t.to("meta") for name, t in tensors.items()}, args, kwargs)

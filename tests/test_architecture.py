@@ -7,7 +7,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lcaam_patch"
 UPSTREAMS = {"timm", "transformers", "peft", "accelerate", "qd_detr", "llama", "src"}
-CORE = ("errors", "config", "generators", "site", "patching", "state_dict", "compat", "backends")
+CORE = (
+    "errors",
+    "config",
+    "generators",
+    "site",
+    "patching",
+    "state_dict",
+    "compat",
+    "verification",
+    "probe",
+    "backends",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -76,4 +87,18 @@ def test_the_core_imports_no_upstream():
         upstream = {m for m in _imports(path) if m.split(".")[0] in UPSTREAMS}
         if upstream:
             offenders[name] = sorted(upstream)
+    assert not offenders, offenders
+
+
+def test_what_the_package_imports_from_patching_is_declared() -> None:
+    from lcaam_patch import patching
+
+    allowed = {"apply", "remove", "is_patched", "patched_sites", "reset_generators", *patching.INTERNAL_API}
+    offenders = {}
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "scripts").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("patching"):
+                undeclared = {alias.name for alias in node.names} - allowed
+                if undeclared and path.name != "patching.py":
+                    offenders[str(path)] = sorted(undeclared)
     assert not offenders, offenders

@@ -112,8 +112,8 @@ def test_apply_keyword_parameters_are_the_config_fields() -> None:
         if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     assert keywords[0] == "model"
-    assert sorted(name for name in keywords[1:] if name != "preset") == sorted(FIELDS)
-    assert "preset" in keywords
+    assert sorted(name for name in keywords[1:] if name not in ("preset", "example_inputs")) == sorted(FIELDS)
+    assert "preset" in keywords and "example_inputs" in keywords  # not config fields: a name, and tensors
 
 
 def _install_extras() -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ their presets and the third-party entry points.
 
 from __future__ import annotations
 
-from . import llama_adapter, qd_detr, swinbert, timm, torch_mha, transformers
+from . import llama_adapter, qd_detr, sdpa, swinbert, timm, torch_mha, transformers
 from .base import Adapter
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -25,6 +25,7 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
     swinbert.adapter,
     llama_adapter.adapter,
     transformers.adapter,
+    sdpa.adapter,
 )
 
 for _adapter in BUILTIN_ADAPTERS:

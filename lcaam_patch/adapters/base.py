@@ -30,6 +30,10 @@ class Adapter(abc.ABC):
     `verifies_claims = True` and checks each of its sites at their first call with
     `lcaam_patch.verification.verify_first_call` (exact at identity, M in the path).
 
+    A generic adapter that claims what no other adapter knows (the SDPA adapter) sets
+    `fallback = True`: it is asked only as `LCAAMConfig.generic` says (by default, only in
+    models where no other adapter claims a module).
+
     `presets` maps a preset name to options of `apply`. `builders` maps a preset name to
     the upstream functions that build the model, as "module:attribute" strings (e.g.
     "qd_detr.model:build_model"); `lcaam-patch run --preset NAME` wraps each one right after
@@ -42,6 +46,7 @@ class Adapter(abc.ABC):
     name: str = ""
     priority: int = 0
     verifies_claims: bool = False
+    fallback: bool = False
     distribution: str | None = None
     supported_versions: str = ""
     presets: Mapping[str, Mapping[str, Any]] = {}
@@ -77,6 +82,11 @@ class Adapter(abc.ABC):
         """Upstream attention classes (among those imported) that LCAAM does not apply to,
         each with the reason; `survey` reports them as "inapplicable". The default knows none."""
         return {}
+
+    def declines(self, module: nn.Module, path: str, root: nn.Module) -> str | None:
+        """Why this adapter does not claim `module`, for `survey`, where it has looked at it
+        (a fallback adapter that probed it); None where it has nothing to say."""
+        return None
 
     def builder_options(self, preset: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Options of `apply` read off the arguments of a wrapped builder (see `builders`).

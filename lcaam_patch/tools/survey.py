@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import probe
 from ..adapters import registered_adapters
 from ..patching import claims, looks_like_attention, require_module, resolve_config
 
@@ -33,29 +34,58 @@ class SurveyEntry:
     detail: str
 
 
-def survey(model: nn.Module, *, preset: str | None = None, **options: Any) -> list[SurveyEntry]:
-    """A dry run of `apply(model, preset=preset, **options)` that changes nothing.
+def survey(
+    model: nn.Module, *, preset: str | None = None, example_inputs: Any = None, **options: Any
+) -> list[SurveyEntry]:
+    """A dry run of `apply(model, preset=preset, example_inputs=example_inputs, **options)`
+    that changes nothing.
 
     Lists every module an adapter claims, every module of a class an adapter declares
     inapplicable and every other attention-like module none claims, with what `apply`
-    would do and why.
+    would do and why (for modules the generic SDPA adapter looked at, why it declines them).
     """
     require_module(model, "survey")
     config = resolve_config(preset, options)
     adapters = list(registered_adapters().values())
     inapplicable = {cls: f"{a.name}: {why}" for a in reversed(adapters) for cls, why in a.inapplicable().items()}
-    claimed = {claim.path: claim for claim in claims(model, config)}
+    with probe.example_inputs(example_inputs):
+        claimed = {claim.path: claim for claim in claims(model, config)}
+        entries = []
+        for path, module in model.named_modules():
+            if path not in claimed:
+                entry = _unclaimed(path, module, model, adapters, inapplicable)
+                if entry is not None:
+                    entries.append(entry)
+    entries = [*entries, *_claimed(model, claimed)]
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(entries, key=lambda entry: order[entry.path])
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _unclaimed(
+    path: str, module: nn.Module, model: nn.Module, adapters: list[Any], inapplicable: dict[type, str]
+) -> SurveyEntry | None:
+    if type(module) in inapplicable:
+        return SurveyEntry(path, _class_name(module), None, "inapplicable", inapplicable[type(module)])
+    declined = next(
+        (f"{a.name}: {why}" for a in adapters if (why := a.declines(module, path, model)) is not None), None
+    )
+    if declined is not None:
+        return SurveyEntry(path, _class_name(module), None, "unclaimed", declined)
+    if looks_like_attention(module):
+        return SurveyEntry(path, _class_name(module), None, "unclaimed", "no registered adapter patches this class")
+    return None
+
+
+def _claimed(model: nn.Module, claimed: dict[str, Any]) -> list[SurveyEntry]:
     entries = []
     for path, module in model.named_modules():
-        class_name = f"{type(module).__module__}.{type(module).__qualname__}"
+        class_name = _class_name(module)
         claim = claimed.get(path)
         if claim is None:
-            if type(module) in inapplicable:
-                entries.append(SurveyEntry(path, class_name, None, "inapplicable", inapplicable[type(module)]))
-            elif looks_like_attention(module):
-                entries.append(
-                    SurveyEntry(path, class_name, None, "unclaimed", "no registered adapter patches this class")
-                )
             continue
         name = claim.adapter.name
         if claim.refusal is not None:
