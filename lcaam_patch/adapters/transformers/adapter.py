@@ -13,7 +13,8 @@ from torch import nn
 from ...config import LCAAMConfig
 from ...errors import MissingBoundError, UnsupportedModuleError
 from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
-from ..base import Adapter
+from ..base import Adapter, BuilderCall
+from . import builders as launcher
 from .attention import ATTENTION_FUNCTION, register_attention_function
 from .bounds import MAX_INFERRED_TOKENS, key_width, token_bounds
 from .calls import Call, State, cached_layer
@@ -160,6 +161,13 @@ class TransformersAdapter(Adapter):
             return type(module).forward(module, *args, **kwargs)
         finally:
             state.stash.calls.pop()
+
+    presets = launcher.PRESETS
+    builders = launcher.BUILDERS
+
+    def builder_call(self, preset: str, target: str, args: tuple[Any, ...], kwargs: Any) -> BuilderCall:
+        """`from_pretrained` of a directory with LCAAM weights loads them into the patched model."""
+        return launcher.builder_call(target, args, kwargs)
 
 
 def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
