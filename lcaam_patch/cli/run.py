@@ -202,7 +202,7 @@ class Session:
                 weights = call.load(model)
             else:
                 init = resolve_config(preset, {**read, **self.plan.options}).init
-                weights = f"no checkpoint given to the builder: LCAAM starts at init {init!r}"
+                weights = f"the builder loaded no checkpoint: LCAAM is at init {init!r} until the script loads one"
         sites = len(patched_sites(model))
         entry = {"model": type(model).__name__, "sites": sites, "builder": target, "weights": weights}
         self.patched.append(entry)

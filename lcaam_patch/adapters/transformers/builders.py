@@ -86,7 +86,7 @@ def load_checkpoint_lcaam(model: nn.Module, directory: Path) -> str:
                     f"the checkpoint was trained with"
                 )
             model.load_state_dict(keyed, strict=False)
-            return f"loaded {len(keyed)} LCAAM weights from {directory}"
+            return f"loaded {len(keyed)} LCAAM weights from {directory} (the keys transformers called unexpected)"
     raise LauncherError(
         f"{directory} holds {len(found)} LCAAM weights that do not match the {len(expected)} of this "
         f"model's LCAAM; run with the apply options (--preset, --depth, --max-kv-tokens, ...) that the "
