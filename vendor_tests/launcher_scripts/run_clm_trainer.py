@@ -73,7 +73,9 @@ def main() -> None:
     else:
         model = AutoModelForCausalLM.from_config(config)
     train = Blocks(data_args.train_file, tokenizer, data_args.block_size)
-    evaluation = Blocks(data_args.validation_file, tokenizer, data_args.block_size) if data_args.validation_file else None
+    evaluation = (
+        Blocks(data_args.validation_file, tokenizer, data_args.block_size) if data_args.validation_file else None
+    )
     trainer = Trainer(
         model=model,
         args=training_args,
