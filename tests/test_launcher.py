@@ -206,11 +206,15 @@ def test_builder_flag_patches_a_user_script_and_keeps_its_exit_status(user_scrip
     assert "patched 1 attention modules of Sequential (preset None, builder user_model:build)" in captured.err
 
 
-def test_a_script_that_exits_0_without_building_is_still_reported(tmp_path: Path) -> None:
+def test_a_script_that_exits_0_without_building_is_still_reported(tmp_path: Path, capsys) -> None:
     script = tmp_path / "quits.py"
     script.write_text("import sys\nsys.exit(0)\n")
     with pytest.raises(LauncherError, match=r"finished without calling user_model:build, so nothing was patched"):
         launcher.run(script, builders=["user_model:build"])
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--builder", "user_model:build", "--", str(script)])
+    assert exited.value.code == 2
+    assert "lcaam-patch run: " in capsys.readouterr().err
 
 
 def test_a_child_process_patches_through_the_environment(user_script: Path) -> None:

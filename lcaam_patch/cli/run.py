@@ -360,10 +360,11 @@ def _summarise(
         if idle:
             print(f"lcaam-patch run: {idle} other Python process(es) built no model", file=sys.stderr)
         return
+    apply = f", preset={preset!r}" if preset is not None else ", ..."
     message = (
         f"{command} finished without calling {', '.join(targets)}, so nothing was patched; run the "
         f"training script that builds the model through it, name your own builder with --builder "
-        f"module:function, or add lcaam_patch.apply(model, preset={preset!r}) to your script"
+        f"module:function, or add lcaam_patch.apply(model{apply}) to your script"
     )
     if status != 0:
         print(f"lcaam-patch run: {message} (it exited with status {status})", file=sys.stderr)
@@ -393,10 +394,10 @@ def add_run_parser(commands: Any) -> None:
         help="a function that returns the model, e.g. train:build_model (repeat the flag for several)",
     )
     add_apply_arguments(parser)
-    parser.add_argument("command", help="the training script or launcher, e.g. train.py or torchrun")
+    parser.add_argument("launched", metavar="COMMAND", help="the training script or launcher: train.py, torchrun, ...")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     parser.set_defaults(handler=_run_command_line)
 
 
 def _run_command_line(args: argparse.Namespace) -> int:
-    return run(args.command, args.args, preset=args.preset, builders=args.builder, options=apply_options(args))
+    return run(args.launched, args.args, preset=args.preset, builders=args.builder, options=apply_options(args))
