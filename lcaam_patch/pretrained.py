@@ -264,6 +264,12 @@ def _read_weights(source: Path, document: dict[str, Any]) -> dict[str, torch.Ten
                 f"weight {key!r} in {path} has dtype {tensor.dtype}; generator weights are floating point: "
                 f"save them from a patched model with lcaam_patch.save_pretrained"
             )
+        if not bool(torch.isfinite(tensor).all()):
+            raise StateDictError(
+                f"weight {key!r} in {path} holds NaN or infinite values, which would make every output "
+                f"of the model NaN; save it again from a model whose training did not diverge (lower the "
+                f"learning rate), or patch afresh with lcaam_patch.apply"
+            )
         if not key.startswith(prefixes):
             raise StateDictError(
                 f"weight {key!r} in {path} belongs to no generator of the saved sites; "

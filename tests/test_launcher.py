@@ -4,6 +4,8 @@ builds a model through a module-global builder, and a training script that uses 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping
@@ -15,6 +17,7 @@ from torch import nn
 
 import lcaam_patch
 from lcaam_patch import LauncherError
+from lcaam_patch.adapters import registry
 from lcaam_patch.adapters.torch_mha import MultiheadAttentionAdapter
 from lcaam_patch.cli import main
 from lcaam_patch.cli import run as launcher
@@ -164,3 +167,176 @@ def test_misuse_is_reported_with_the_fix(fake_upstream: Path, tmp_path: Path) ->
 
 def test_qd_detr_preset_wraps_upstreams_builder() -> None:
     assert launcher.builder_targets("qd_detr") == ("qd_detr.model:build_model",)
+
+
+USER_MODEL = """
+from torch import nn
+
+def build(width):
+    return nn.Sequential(nn.MultiheadAttention(width, 2, batch_first=True))
+"""
+
+USER_SCRIPT = """
+import sys
+
+import lcaam_patch
+from user_model import build
+
+model = build(8)
+print("patched" if lcaam_patch.is_patched(model) else "unpatched")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture
+def user_script(tmp_path: Path) -> Path:
+    """A user's script whose builder lives in a module beside it."""
+    (tmp_path / "user_model.py").write_text(textwrap.dedent(USER_MODEL))
+    script = tmp_path / "train_mine.py"
+    script.write_text(textwrap.dedent(USER_SCRIPT))
+    yield script
+    sys.modules.pop("user_model", None)
+
+
+def test_builder_flag_patches_a_user_script_and_keeps_its_exit_status(user_script: Path, capsys) -> None:
+    argv = ["run", "--builder", "user_model:build", "--max-tokens", "8", "--", str(user_script), "3"]
+    assert main(argv) == 3
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "patched"
+    assert "patched 1 attention modules of Sequential (preset None, builder user_model:build)" in captured.err
+
+
+def test_a_script_that_exits_0_without_building_is_still_reported(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "quits.py"
+    script.write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(LauncherError, match=r"finished without calling user_model:build, so nothing was patched"):
+        launcher.run(script, builders=["user_model:build"])
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--builder", "user_model:build", "--", str(script)])
+    assert exited.value.code == 2
+    assert "lcaam-patch run: " in capsys.readouterr().err
+
+
+def test_a_child_process_patches_through_the_environment(user_script: Path) -> None:
+    """`python SCRIPT` as the command: the bootstrap's sitecustomize patches in the child."""
+    env = {**os.environ, "PYTHONPATH": str(Path(lcaam_patch.__file__).parents[1])}
+    command = [sys.executable, "-m", "lcaam_patch", "run", "--builder", "user_model:build", "--max-tokens", "8"]
+    done = subprocess.run(
+        [*command, "--", "python", user_script.name, "0"],
+        cwd=user_script.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "patched"), done.stderr
+    assert "lcaam-patch run: process" in done.stderr and "patched Sequential (1 sites)" in done.stderr
+
+
+def test_commands_and_builders_that_cannot_run_are_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(LauncherError, match="needs --preset NAME or --builder"):
+        launcher.run(tmp_path / "x.py")
+    with pytest.raises(LauncherError, match="neither a script nor found on PATH"):
+        launcher.run("no-such-launcher-xyz", builders=["a:b"])
+    with pytest.raises(LauncherError, match="is not 'module:attribute'"):
+        launcher.run(tmp_path / "x.py", builders=["nocolon"])
+
+
+def test_generic_presets_declare_their_builders() -> None:
+    assert launcher.builder_targets("timm_vit")[0] == "timm.models._factory:create_model"
+    assert launcher.builder_targets("transformers") == (
+        "transformers.modeling_utils:PreTrainedModel.from_pretrained",
+        "transformers.modeling_utils:PreTrainedModel._from_config",
+    )
+
+
+def test_a_preset_name_clash_is_won_by_the_highest_priority(fake_upstream: Path) -> None:
+    class Low(FakeAdapter):
+        name, priority, presets = "fake_low", -5, {PRESET: {"depth": 9}}
+
+    lcaam_patch.register_adapter(Low())
+    try:
+        assert registry.preset_adapter(PRESET).name == PRESET
+        assert registry.presets()[PRESET] == {"depth": 2} == registry.get_preset(PRESET)
+    finally:
+        lcaam_patch.unregister_adapter("fake_low")
+
+
+TIMM_CHECKPOINT_SCRIPT = """
+import sys
+
+import timm
+import torch
+
+model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                          checkpoint_path=sys.argv[1])
+torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
+def test_timm_checkpoint_path_loads_lcaam_into_the_patched_model(tmp_path: Path, capsys) -> None:
+    import timm
+    import torch
+
+    plain = tmp_path / "plain.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32,
+                                 num_heads=2).state_dict(), plain)  # fmt: skip
+    script = tmp_path / "build.py"
+    script.write_text(textwrap.dedent(TIMM_CHECKPOINT_SCRIPT))
+    launcher.run(script, [str(plain), str(tmp_path / "patched.pth")], preset="timm_vit")
+    assert f"the checkpoint {plain} holds no LCAAM weights: LCAAM starts at its init" in capsys.readouterr().err
+    trained = torch.load(tmp_path / "patched.pth")
+    trained = {k: v + 0.5 if lcaam_patch.is_lcaam_key(k) else v for k, v in trained.items()}
+    torch.save(trained, tmp_path / "trained.pth")
+    launcher.run(script, [str(tmp_path / "trained.pth"), str(tmp_path / "again.pth")], preset="timm_vit")
+    assert "loaded 2 LCAAM weights from the checkpoint" in capsys.readouterr().err
+    again = torch.load(tmp_path / "again.pth")
+    assert all(torch.equal(again[k], v) for k, v in trained.items() if lcaam_patch.is_lcaam_key(k))
+
+
+def tiny_llama_directory(directory: Path) -> Path:
+    """A saved tiny Llama (no LCAAM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_transformers_from_pretrained_loads_lcaam_saved_beside_or_inside(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lcaam_patch.adapters.transformers import builders
+
+    directory = tiny_llama_directory(tmp_path / "llama")
+    assert builders.SAVED_CONFIG == lcaam_patch.pretrained.CONFIG_NAME
+    session = launcher.Session(
+        launcher.Plan("transformers", launcher.builder_targets("transformers"), {}, str(tmp_path))
+    )
+    session.install()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        assert lcaam_patch.is_patched(model) and "starts at its init" in session.patched[-1]["weights"]
+        state = {k: v + 0.25 if lcaam_patch.is_lcaam_key(k) else v for k, v in model.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        assert "loaded 2 LCAAM weights" in session.patched[-1]["weights"]
+        for key, value in lcaam_patch.lcaam_state_dict(model).items():
+            torch.testing.assert_close(value, state[key])
+        lcaam_patch.save_pretrained(model, tmp_path / "saved")
+        for name in ("lcaam.json", "lcaam.safetensors"):
+            (directory / name).write_bytes((tmp_path / "saved" / name).read_bytes())
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        assert "patched as saved in" in session.patched[-1]["weights"]
+        (directory / "lcaam.json").unlink()
+        broken = {k: torch.full_like(v, float("nan")) if lcaam_patch.is_lcaam_key(k) else v for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in broken.items()}, directory / "model.safetensors")
+        with pytest.raises(LauncherError, match="NaN or infinite"):
+            AutoModelForCausalLM.from_pretrained(directory)
+        assert set(load_file(directory / "model.safetensors")) == set(state)
+    finally:
+        session.uninstall()

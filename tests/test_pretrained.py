@@ -398,6 +398,13 @@ def test_weights_of_the_wrong_dtype_or_shape_are_refused_untouched(tmp_path):
     refused(tiny_vit(), directory, StateDictError, r"has shape \(16,?.*expects \(17")
 
 
+def test_non_finite_weights_are_refused_untouched(tmp_path):
+    for bad in (float("nan"), float("inf")):
+        _, directory = saved(tmp_path)
+        rewrite_weights(directory, lambda k, v, bad=bad: torch.full_like(v, bad))
+        refused(tiny_vit(), directory, StateDictError, "NaN or infinite values")
+
+
 def test_weights_that_disagree_with_the_json_are_refused_untouched(tmp_path):
     _, directory = saved(tmp_path)
     path = directory / "lcaam.safetensors"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from packaging.specifiers import SpecifierSet
@@ -16,6 +18,23 @@ from ..site import LCAAMSite, SiteGeometry
 
 if TYPE_CHECKING:
     from ..config import LCAAMConfig
+
+
+@dataclasses.dataclass
+class BuilderCall:
+    """How the launcher calls a wrapped builder (see `Adapter.builder_call`).
+
+    `args`/`kwargs` are what the builder is called with (e.g. without the checkpoint it
+    would load before the model is patched). After the model is patched, `load` (if set)
+    loads what was held back and returns a sentence for the launcher's report. `saved` is
+    a `save_pretrained` directory: the model is patched as saved there instead of with the
+    preset's options.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    load: Callable[[nn.Module], str] | None = None
+    saved: Path | None = None
 
 
 class Adapter(abc.ABC):
@@ -94,6 +113,11 @@ class Adapter(abc.ABC):
         The launcher passes them under the user's own options; the default reads none.
         """
         return {}
+
+    def builder_call(self, preset: str, target: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BuilderCall:
+        """How the launcher calls the wrapped builder `target` ("module:attribute"); the
+        default calls it as the script did and loads nothing afterwards."""
+        return BuilderCall(tuple(args), dict(kwargs))
 
     def prepare(self, module: nn.Module, root: nn.Module) -> Any:
         """Called after `module` is patched; returns what `restore` needs to undo it."""

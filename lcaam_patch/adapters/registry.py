@@ -57,20 +57,27 @@ def get_adapter(name: str) -> Adapter:
     return adapters[name]
 
 
+def preset_adapter(name: str) -> Adapter:
+    """The adapter that declares the preset `name`; on a clash the highest priority wins."""
+    for adapter in registered_adapters().values():
+        if name in adapter.presets:
+            return adapter
+    raise UnknownAdapterError(f"no preset named {name!r}; registered presets: {sorted(presets())}")
+
+
 def presets() -> dict[str, Mapping[str, Any]]:
-    """Every preset that a registered adapter declares, by name."""
+    """Every preset that a registered adapter declares, by name (the highest-priority
+    adapter's where several declare one name)."""
     found: dict[str, Mapping[str, Any]] = {}
     for adapter in registered_adapters().values():
-        found.update(adapter.presets)
+        for name, options in adapter.presets.items():
+            found.setdefault(name, options)
     return found
 
 
 def get_preset(name: str) -> Mapping[str, Any]:
-    """The options of the preset called `name`."""
-    known = presets()
-    if name not in known:
-        raise UnknownAdapterError(f"no preset named {name!r}; registered presets: {sorted(known)}")
-    return known[name]
+    """The options of the preset called `name` (see `preset_adapter`)."""
+    return preset_adapter(name).presets[name]
 
 
 def _load_entry_points() -> None:

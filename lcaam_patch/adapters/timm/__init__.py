@@ -20,7 +20,8 @@ from torch import nn
 from ...config import LCAAMConfig
 from ...errors import MissingBoundError
 from ...site import LCAAMSite, SiteGeometry
-from ..base import Adapter
+from ..base import Adapter, BuilderCall
+from .builders import CREATE_MODEL, create_model_call
 from .byobnet import BottleneckFamily, HaloFamily
 from .family import Family, Location, imported
 from .feature_maps import Attention2dFamily, AttentionClFamily, HieraFamily
@@ -145,6 +146,11 @@ class TimmAdapter(Adapter):
     presets = {
         "timm_vit": {"mode": "multilayer", "fusion": "mul", "depth": 1},
     }
+    builders = {"timm_vit": CREATE_MODEL}
+
+    def builder_call(self, preset: str, target: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BuilderCall:
+        """`create_model` holds its `checkpoint_path` back for the patched model (see `builders`)."""
+        return create_model_call(target, args, kwargs)
 
     def attention_types(self) -> tuple[type[nn.Module], ...]:
         """timm attention classes among the timm modules already imported."""

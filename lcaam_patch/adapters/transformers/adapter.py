@@ -15,7 +15,8 @@ from ...config import LCAAMConfig
 from ...errors import MissingBoundError, UnsupportedModuleError
 from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
 from ...verification import needs_verification
-from ..base import Adapter
+from ..base import Adapter, BuilderCall
+from . import builders as launcher
 from .attention import ATTENTION_FUNCTION, eager_function, register_attention_function
 from .bounds import MAX_INFERRED_TOKENS, key_width, query_width, token_bounds
 from .calls import Call, State, cached_layer
@@ -180,6 +181,13 @@ class TransformersAdapter(Adapter):
                 f"exclude=[{site.path!r}] and report the class to lcaam-patch; verify=False skips this check"
             )
         return output
+
+    presets = launcher.PRESETS
+    builders = launcher.BUILDERS
+
+    def builder_call(self, preset: str, target: str, args: tuple[Any, ...], kwargs: Any) -> BuilderCall:
+        """`from_pretrained` of a directory with LCAAM weights loads them into the patched model."""
+        return launcher.builder_call(target, args, kwargs)
 
 
 def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:

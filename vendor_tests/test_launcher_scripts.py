@@ -1,0 +1,220 @@
+"""`lcaam-patch run` on real training scripts, unmodified, offline on the CPU: timm's own
+`train.py`/`validate.py` (vendored in `timm_scripts/`) and a Trainer script written as
+transformers' `run_clm.py` is (`launcher_scripts/run_clm_trainer.py`), single-process and
+under `torchrun --nproc_per_node 2` (gloo). Each run goes through `python -m lcaam_patch run`
+in a child process, as a user would type it; LCAAM must train (its weights leave the
+identity), survive resuming and load when fine-tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcaam_patch import is_lcaam_key
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_SCRIPTS = Path(__file__).resolve().parent / "timm_scripts"
+SCRIPTS = Path(__file__).resolve().parent / "launcher_scripts"
+CPU_DDP_SHIM = SCRIPTS / "cpu_ddp"
+TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
+
+pytestmark = pytest.mark.slow
+
+
+@dataclasses.dataclass
+class Ran:
+    status: int
+    stderr: str
+    stdout: str
+
+
+def launch(cwd: Path, preset: str, *command: str | os.PathLike[str]) -> Ran:
+    """`python -m lcaam_patch run --preset PRESET -- COMMAND`, offline, in `cwd`."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(CPU_DDP_SHIM)]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [sys.executable, "-m", "lcaam_patch", "run", "--preset", preset, "--", *map(str, command)]
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return Ran(done.returncode, done.stderr, done.stdout)
+
+
+def lcaam_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LCAAM weights of a state dict."""
+    return {key: value.float() for key, value in state.items() if is_lcaam_key(key)}
+
+
+def moved_from_identity(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether the last generator layer (weight 0, bias 1 at the identity) has moved."""
+    weights_ = [value for key, value in weights.items() if key.endswith("weight")]
+    return bool(weights_) and all(float(value.abs().max()) > 1e-6 for value in weights_)
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    """Whether every LCAAM weight differs between two saves of the same sites."""
+    assert before.keys() == after.keys() and before
+    return all(not torch.equal(before[key], after[key]) for key in before)
+
+
+# timm: train.py, resume under two ranks, fine-tune from --initial-checkpoint, validate.py
+
+TIMM_MODEL = (
+    "--model", "vit_tiny_patch16_224",
+    "--model-kwargs", "img_size=32", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2",
+    "--img-size", "32", "--num-classes", "2",
+)  # fmt: skip
+TIMM_TRAIN = (
+    "--data-dir", "data", "--dataset", "imagefolder", "--train-split", "train", "--val-split", "val",
+    *TIMM_MODEL, "-b", "4", "--device", "cpu", "--workers", "0", "--no-prefetcher", "--output", "out",
+    "--opt", "adamw", "--lr", "1e-2", "--warmup-epochs", "0", "--seed", "0",
+)  # fmt: skip
+
+
+def timm_lcaam(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The LCAAM weights of a train.py checkpoint."""
+    from timm.models import load_state_dict
+
+    return lcaam_of(load_state_dict(str(checkpoint)))
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
+    """An image folder (2 classes, 32×32) and one epoch of train.py on it."""
+    from PIL import Image
+
+    work = tmp_path_factory.mktemp("timm")
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in range(2):
+            folder = work / "data" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(8):
+                pixels = (torch.rand(32, 32, 3, generator=generator) * 127 + 128 * label).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "1", "--experiment", "single")
+    return work, ran
+
+
+def test_timm_train_trains_lcaam(timm_run: tuple[Path, Ran]) -> None:
+    work, ran = timm_run
+    assert ran.status == 0, ran.stderr[-3000:]
+    assert "patched 2 attention modules of VisionTransformer (preset 'timm_vit'" in ran.stderr
+    assert moved_from_identity(timm_lcaam(work / "out" / "single" / "last.pth.tar"))
+
+
+def test_timm_train_resumes_lcaam_under_two_ranks(timm_run: tuple[Path, Ran]) -> None:
+    work, _ = timm_run
+    first = work / "out" / "single" / "last.pth.tar"
+    ran = launch(work, "timm_vit", *TORCHRUN, TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "2",
+                 "--resume", first, "--experiment", "ddp")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"lcaam-patch: rank {rank}: patched 2 attention modules of VisionTransformer" in ran.stderr
+    resumed = work / "out" / "ddp" / "last.pth.tar"
+    assert torch.load(resumed, map_location="cpu", weights_only=False)["epoch"] == 1  # epoch 0 came from --resume
+    assert changed(timm_lcaam(first), timm_lcaam(resumed))
+
+
+def test_timm_fine_tunes_from_an_lcaam_initial_checkpoint(timm_run: tuple[Path, Ran]) -> None:
+    work, _ = timm_run
+    first = work / "out" / "single" / "last.pth.tar"
+    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "1",
+                 "--initial-checkpoint", first, "--experiment", "tuned")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    assert f"loaded 4 LCAAM weights from the checkpoint {first}" in ran.stderr
+    assert changed(timm_lcaam(first), timm_lcaam(work / "out" / "tuned" / "last.pth.tar"))
+
+
+def test_timm_validate_evaluates_the_lcaam_checkpoint(timm_run: tuple[Path, Ran]) -> None:
+    work, _ = timm_run
+    best = work / "out" / "single" / "model_best.pth.tar"
+    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "validate.py", "--data-dir", "data/val", *TIMM_MODEL,
+                 "--checkpoint", best, "--device", "cpu", "--workers", "0", "--no-prefetcher", "-b", "4")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    assert "patched 2 attention modules of VisionTransformer" in ran.stderr
+    assert '"top1"' in ran.stdout
+
+
+# transformers: a run_clm-style Trainer script from scratch, resumed, fine-tuned, two ranks
+
+CLM_TRAIN = (
+    "--train_file", "train.txt", "--validation_file", "val.txt", "--block_size", "16",
+    "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu", "--report_to", "none",
+    "--save_steps", "5", "--logging_steps", "5", "--do_train", "--do_eval", "--seed", "0",
+)  # fmt: skip
+CLM_SCRATCH = ("--config_name", "config", "--tokenizer_name", "tokenizer", *CLM_TRAIN)
+
+
+@pytest.fixture(scope="module")
+def clm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
+    """A local word-level tokenizer, a tiny Llama config, text, and 10 steps from scratch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    work = tmp_path_factory.mktemp("clm")
+    words = "the cat sat on a mat and dog ran to big red small blue house tree".split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40)]
+    (work / "train.txt").write_text("\n".join(lines) + "\n")
+    (work / "val.txt").write_text("\n".join(lines[:8]) + "\n")
+    vocab = {word: i for i, word in enumerate(["[UNK]", "[PAD]", "[EOS]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(work / "tokenizer")
+    LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    ).save_pretrained(work / "config")  # fmt: skip
+    ran = launch(work, "transformers", SCRIPTS / "run_clm_trainer.py", *CLM_SCRATCH, "--output_dir", "scratch",
+                 "--max_steps", "10")  # fmt: skip
+    return work, ran
+
+
+def clm_lcaam(directory: Path) -> dict[str, torch.Tensor]:
+    """The LCAAM weights of a Trainer output or checkpoint directory."""
+    return lcaam_of(load_file(directory / "model.safetensors"))
+
+
+def test_run_clm_trains_lcaam_from_scratch(clm_run: tuple[Path, Ran]) -> None:
+    work, ran = clm_run
+    assert ran.status == 0, ran.stderr[-3000:]
+    assert "patched 2 attention modules of LlamaForCausalLM (preset 'transformers'" in ran.stderr
+    assert moved_from_identity(clm_lcaam(work / "scratch"))
+    assert changed(clm_lcaam(work / "scratch" / "checkpoint-5"), clm_lcaam(work / "scratch"))
+
+
+def test_run_clm_resume_from_checkpoint_continues_lcaam(clm_run: tuple[Path, Ran]) -> None:
+    work, _ = clm_run
+    ran = launch(work, "transformers", SCRIPTS / "run_clm_trainer.py", *CLM_SCRATCH, "--output_dir", "resumed",
+                 "--max_steps", "10", "--resume_from_checkpoint", "scratch/checkpoint-5")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    resumed, uninterrupted = clm_lcaam(work / "resumed"), clm_lcaam(work / "scratch")
+    assert changed(clm_lcaam(work / "scratch" / "checkpoint-5"), resumed)
+    for key, value in uninterrupted.items():  # steps 6-10 again, from the LCAAM weights of step 5
+        torch.testing.assert_close(resumed[key], value, atol=1e-4, rtol=1e-3)
+
+
+def test_run_clm_fine_tunes_lcaam_from_a_trained_directory_under_two_ranks(clm_run: tuple[Path, Ran]) -> None:
+    work, _ = clm_run
+    ran = launch(work, "transformers", *TORCHRUN, SCRIPTS / "run_clm_trainer.py", "--model_name_or_path", "scratch",
+                 "--tokenizer_name", "tokenizer", *CLM_TRAIN, "--output_dir", "tuned", "--max_steps", "5")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    for rank in (0, 1):
+        assert (
+            f"lcaam-patch: rank {rank}: patched 2 attention modules of LlamaForCausalLM (preset 'transformers', "
+            f"builder transformers.modeling_utils:PreTrainedModel.from_pretrained); loaded 4 LCAAM weights from "
+            f"scratch" in ran.stderr
+        )
+    assert changed(clm_lcaam(work / "scratch"), clm_lcaam(work / "tuned"))
