@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .masking import UpstreamMask
 
 NEUTRAL = {"mul": 1.0, "add": 0.0}
 """The value of M that leaves the scores unchanged, per fusion."""
@@ -83,8 +80,9 @@ class AttentionCall:
     is_causal: bool = False
     dropout_p: float = 0.0
     need_weights: bool = False
-    upstream: UpstreamMask | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
-    """The split upstream mask, set by `masking.upstream_mask` the first time it is asked."""
+    upstream: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    """The split upstream mask (a `masking.UpstreamMask`, typed `Any` because masking imports
+    this module), set by `masking.upstream_mask` the first time it is asked."""
 
     @property
     def spec(self) -> CallSpec:

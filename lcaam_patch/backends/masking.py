@@ -111,8 +111,9 @@ def upstream_mask(call: AttentionCall) -> UpstreamMask:
 
     Built once per call: kept on `call.upstream`, where `dispatch.run` hands it to the backend.
     """
-    if call.upstream is not None:
-        return call.upstream
+    upstream: UpstreamMask | None = call.upstream
+    if upstream is not None:
+        return upstream
     upstream = _split(call)
     object.__setattr__(call, "upstream", upstream)
     return upstream
