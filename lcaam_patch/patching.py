@@ -27,7 +27,7 @@ from torch import nn
 
 from . import probe
 from .adapters import Adapter, get_preset, registered_adapters
-from .backends import AttentionCall, LowRankMask, refusal
+from .backends import CallSpec, refusal_for
 from .config import LCAAMConfig
 from .errors import (
     AlreadyPatchedError,
@@ -144,7 +144,7 @@ INTERNAL_API = (
     "site_geometry",
     "looks_like_attention",
     "parameter_count",
-    "probe_call",
+    "site_spec",
     "require_module",
     "require_patched",
     "resolve_config",
@@ -407,16 +407,10 @@ def _nothing_found_message(model: nn.Module, config: LCAAMConfig, adapters: list
     return " ".join(parts)
 
 
-def probe_call(*, kind: str, fusion: str, device: str, dtype: torch.dtype) -> AttentionCall:
-    """A tiny call without upstream mask, with a generator kind's mask form, for asking
-    backends what they would do with a site's calls."""
-    q = torch.zeros(1, 1, 2, 8, device=device, dtype=dtype)
-    if kind == "lowrank":
-        factor = torch.zeros(1, 2, 1, device=device, dtype=dtype)
-        mask: torch.Tensor | LowRankMask = LowRankMask(factor, factor)
-    else:
-        mask = torch.ones(1, 2, 2, device=device, dtype=dtype)
-    return AttentionCall(q, q, q, mask, fusion=fusion, scale=1.0)
+def site_spec(*, kind: str, fusion: str, device: str, dtype: torch.dtype) -> CallSpec:
+    """The plainest call of a site (no upstream mask, no weights, no dropout), with a generator
+    kind's mask form: what backends are asked about a site before it runs."""
+    return CallSpec(device, dtype, fusion, kind == "lowrank", "none", False, False, 0.0, 8, 8, False)
 
 
 def _check_backend(config: LCAAMConfig, module: nn.Module) -> None:
@@ -426,7 +420,7 @@ def _check_backend(config: LCAAMConfig, module: nn.Module) -> None:
     # a model patched on the CPU is often moved to the GPU afterwards
     devices = sorted({"cpu" if device == "meta" else device, *(("cuda",) if torch.cuda.is_available() else ())})
     reasons = {
-        d: refusal(config.backend, probe_call(kind=config.generator, fusion=config.fusion, device=d, dtype=dtype))
+        d: refusal_for(config.backend, site_spec(kind=config.generator, fusion=config.fusion, device=d, dtype=dtype))
         for d in devices
     }
     if all(reason is not None for reason in reasons.values()):

@@ -6,13 +6,14 @@ The built-in backends and their priorities for `backend="auto"` are listed in
 
 from __future__ import annotations
 
-from .call import NEUTRAL, AttentionBackend, AttentionCall, AttentionResult, LowRankMask
+from .call import NEUTRAL, AttentionBackend, AttentionCall, AttentionResult, CallSpec, LowRankMask, SpecRefusal
 from .dispatch import (
     backend_names,
     choose,
     get_backend,
     lcaam_attention,
     refusal,
+    refusal_for,
     register_backend,
     run,
     unregister_backend,
@@ -40,12 +41,15 @@ __all__ = [
     "AttentionBackend",
     "AttentionCall",
     "AttentionResult",
+    "CallSpec",
     "LowRankMask",
+    "SpecRefusal",
     "backend_names",
     "choose",
     "get_backend",
     "lcaam_attention",
     "refusal",
+    "refusal_for",
     "register_backend",
     "run",
     "unregister_backend",

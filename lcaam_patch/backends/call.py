@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Protocol
+from collections.abc import Hashable
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -29,6 +30,27 @@ class LowRankMask:
     def dense(self) -> torch.Tensor:
         """M itself, (B, Nq, Nk)."""
         return self.a @ self.b.transpose(-2, -1)
+
+
+class CallSpec(NamedTuple):
+    """What a backend's decision depends on, without the tensors: hashable, built once per call.
+
+    `AttentionCall.spec` builds it; backends decide with `refusal_for(spec)`, and the dispatch
+    caches each decision per (backend, spec). The fields mirror the `AttentionCall`
+    properties of the same names.
+    """
+
+    device_type: str
+    dtype: torch.dtype
+    fusion: str
+    is_lowrank: bool
+    upstream_mask_kind: str
+    upstream_mask_needs_grad: bool
+    need_weights: bool
+    dropout_p: float
+    head_dim: int
+    value_dim: int
+    is_causal: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +80,33 @@ class AttentionCall:
     is_causal: bool = False
     dropout_p: float = 0.0
     need_weights: bool = False
+    upstream: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    """The split upstream mask (a `masking.UpstreamMask`, typed `Any` because masking imports
+    this module), set by `masking.upstream_mask` the first time it is asked."""
+
+    @property
+    def spec(self) -> CallSpec:
+        """This call without its tensors: what backends decide on (`dispatch.run` reads it once)."""
+        q, attn_mask = self.q, self.attn_mask
+        if attn_mask is None:
+            kind, needs_grad = "none", False
+        elif attn_mask.dtype == torch.bool:
+            kind, needs_grad = "bool", False
+        else:
+            kind, needs_grad = "float", attn_mask.requires_grad and torch.is_grad_enabled()
+        return CallSpec(
+            q.device.type,
+            q.dtype,
+            self.fusion,
+            isinstance(self.mask, LowRankMask),
+            kind,
+            needs_grad,
+            self.need_weights,
+            self.dropout_p,
+            q.shape[-1],
+            self.v.shape[-1],
+            self.is_causal,
+        )
 
     @property
     def device_type(self) -> str:
@@ -106,8 +155,26 @@ class AttentionCall:
         return self.mask.dense() if isinstance(self.mask, LowRankMask) else self.mask
 
     def with_dense_mask(self) -> AttentionCall:
-        """This call with M as a dense tensor."""
-        return self if not self.is_lowrank else dataclasses.replace(self, mask=self.dense_mask())
+        """This call with M as a dense tensor (its split upstream mask carried over)."""
+        return self if not isinstance(self.mask, LowRankMask) else self.derived(mask=self.mask.dense())
+
+    def derived(
+        self,
+        *,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        mask: torch.Tensor | LowRankMask | None = None,
+    ) -> AttentionCall:
+        """This call with another k, v or M of the same shapes, keeping its split upstream
+        mask (which depends on none of them)."""
+        call = dataclasses.replace(
+            self,
+            k=self.k if k is None else k,
+            v=self.v if v is None else v,
+            mask=self.mask if mask is None else mask,
+        )
+        object.__setattr__(call, "upstream", self.upstream)
+        return call
 
 
 class AttentionResult(NamedTuple):
@@ -124,7 +191,9 @@ class AttentionBackend(Protocol):
     `refusal` says why the backend cannot compute a call exactly (None when it can);
     `__call__` computes it and returns the output and, when asked, the weights. A backend
     that sets `accepts_lowrank = True` receives a factorized M as a `LowRankMask`; every
-    other backend gets a dense M.
+    other backend gets a dense M. A backend that also has `refusal_for(spec)` (`SpecRefusal`)
+    is asked that instead, once per distinct `CallSpec`; one with only `refusal(call)` is
+    asked on every call.
     """
 
     def refusal(self, call: AttentionCall) -> str | None:
@@ -133,4 +202,21 @@ class AttentionBackend(Protocol):
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention output (B, H, Nq, Dv) and, if `call.need_weights`, the weights."""
+        ...
+
+
+class SpecRefusal(Protocol):
+    """What a backend offers to be decided once per `CallSpec` rather than on every call."""
+
+    def refusal_for(self, spec: CallSpec) -> str | None:
+        """None when this backend computes every call of `spec` exactly, else the reason."""
+        ...
+
+
+class RefusalContext(Protocol):
+    """A backend whose decisions also depend on the process, not only on the call."""
+
+    def refusal_context(self) -> Hashable:
+        """A cheap hashable reading of that state (Triton: `TRITON_INTERPRET`); it joins the
+        dispatch's cache key, so a change of it is decided afresh."""
         ...

@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from . import masking
-from .call import AttentionCall
+from .call import AttentionCall, CallSpec
 
 
 class EagerBackend:
     """The reference computation; the only backend that returns the attention weights."""
+
+    def refusal_for(self, spec: CallSpec) -> str | None:
+        """Eager computes every call."""
+        return None
 
     def refusal(self, call: AttentionCall) -> str | None:
         """Eager computes every call."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import masking
-from .call import AttentionCall
+from .call import AttentionCall, CallSpec
 
 
 @functools.cache
@@ -51,17 +51,21 @@ def _score_mod(
 class FlexBackend:
     """FlexAttention `score_mod` route: the reference fast path (its dM is a scatter)."""
 
-    def refusal(self, call: AttentionCall) -> str | None:
+    def refusal_for(self, spec: CallSpec) -> str | None:
         """CUDA only, no weights, no dropout, a FlexAttention-capable torch."""
-        if call.device_type != "cuda":
-            return f"FlexAttention runs on CUDA tensors only, and these are on {call.device_type}"
-        if call.need_weights:
+        if spec.device_type != "cuda":
+            return f"FlexAttention runs on CUDA tensors only, and these are on {spec.device_type}"
+        if spec.need_weights:
             return "FlexAttention does not return attention weights (need_weights=True)"
-        if call.dropout_p > 0.0:
+        if spec.dropout_p > 0.0:
             return "FlexAttention has no attention dropout (dropout_p > 0)"
         if _flex() is None:
             return f"this torch ({torch.__version__}) has no FlexAttention"
         return None
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """`refusal_for` of the call's spec."""
+        return self.refusal_for(call.spec)
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One FlexAttention call with the fused score_mod."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masking
-from .call import AttentionCall, LowRankMask
+from .call import AttentionCall, CallSpec, LowRankMask
 
 
 def widen(
@@ -40,13 +40,17 @@ class LowRankSDPABackend:
 
     accepts_lowrank = True
 
-    def refusal(self, call: AttentionCall) -> str | None:
+    def refusal_for(self, spec: CallSpec) -> str | None:
         """Only factorized masks (generator='lowrank'), and no weights."""
-        if not call.is_lowrank:
+        if not spec.is_lowrank:
             return "it needs M as factors, which only generator='lowrank' produces"
-        if call.need_weights:
+        if spec.need_weights:
             return "SDPA does not return attention weights (need_weights=True)"
         return None
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """`refusal_for` of the call's spec."""
+        return self.refusal_for(call.spec)
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the widened q', k' under the upstream mask."""

@@ -110,7 +110,19 @@ class UpstreamMask:
 
 
 def upstream_mask(call: AttentionCall) -> UpstreamMask:
-    """Split the upstream mask and causality of `call` (see the module docstring)."""
+    """Split the upstream mask and causality of `call` (see the module docstring).
+
+    Built once per call: kept on `call.upstream`, where `dispatch.run` hands it to the backend.
+    """
+    upstream: UpstreamMask | None = call.upstream
+    if upstream is not None:
+        return upstream
+    upstream = _split(call)
+    object.__setattr__(call, "upstream", upstream)
+    return upstream
+
+
+def _split(call: AttentionCall) -> UpstreamMask:
     nq, nk = call.q.shape[-2], call.k.shape[-2]
     attn_mask = call.attn_mask
     if attn_mask is None:
@@ -198,7 +210,7 @@ def hide_masked_keys(call: AttentionCall) -> AttentionCall:
     mask = call.mask
     if isinstance(mask, LowRankMask):
         mask = LowRankMask(mask.a, torch.where(hidden[:, 0], torch.zeros((), dtype=mask.b.dtype), mask.b))
-    return dataclasses.replace(call, k=k, v=v, mask=mask)
+    return call.derived(k=k, v=v, mask=mask)
 
 
 def finite_dead_rows(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:

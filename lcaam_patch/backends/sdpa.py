@@ -6,19 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from . import masking
-from .call import AttentionCall
+from .call import AttentionCall, CallSpec
 
 
 class SDPABackend:
     """M, the upstream mask and causality folded into one additive mask for SDPA."""
 
-    def refusal(self, call: AttentionCall) -> str | None:
+    def refusal_for(self, spec: CallSpec) -> str | None:
         """SDPA adds a mask to the scores; it cannot multiply them, nor return weights."""
-        if call.fusion != "add":
+        if spec.fusion != "add":
             return "SDPA can add M to the scores but not multiply them (fusion='mul')"
-        if call.need_weights:
+        if spec.need_weights:
             return "SDPA does not return attention weights (need_weights=True)"
         return None
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """`refusal_for` of the call's spec."""
+        return self.refusal_for(call.spec)
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One SDPA call; dead rows are computed unmasked and their output set to 0."""

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from ..backends import choose
-from ..patching import parameter_count, patched_sites, probe_call, require_patched
+from ..patching import parameter_count, patched_sites, require_patched, site_spec
 from ..site import generator_of
 
 
@@ -91,13 +91,13 @@ def summary(model: nn.Module) -> PatchSummary:
         if backend == "auto":
             owner = owners.get(site.stack.leader, module) if site.stack is not None else module
             source = generator_of(owner)
-            probe = probe_call(
+            spec = site_spec(
                 kind=source.kind if source is not None else "mlp",
                 fusion=site.fusion,
                 device="cpu" if reference.device.type == "meta" else reference.device.type,
                 dtype=reference.dtype,
             )
-            backend = f"auto→{site.last_backend or choose('auto', probe)}"
+            backend = f"auto→{site.last_backend or choose('auto', spec)}"
         rows.append(
             SiteSummary(
                 path=path or "(root)",

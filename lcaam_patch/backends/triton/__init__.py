@@ -16,7 +16,7 @@ import torch
 from packaging.version import Version
 
 from .. import masking
-from ..call import AttentionCall
+from ..call import AttentionCall, CallSpec
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -61,28 +61,36 @@ def interpreter_enabled() -> bool:
 class TritonBackend:
     """Fused mul/add attention with M read per tile and dM summed over heads in the kernel."""
 
-    def refusal(self, call: AttentionCall) -> str | None:
+    def refusal_context(self) -> str | None:
+        """`TRITON_INTERPRET` as set now: whether CPU calls are served depends on it."""
+        return os.environ.get("TRITON_INTERPRET")
+
+    def refusal_for(self, spec: CallSpec) -> str | None:
         """CUDA (or the CPU under `TRITON_INTERPRET=1`), no weights, no dropout, D <= 128."""
-        if call.need_weights:
+        if spec.need_weights:
             return "the kernel does not return attention weights (need_weights=True)"
-        if call.dropout_p > 0.0:
+        if spec.dropout_p > 0.0:
             return "the kernel has no attention dropout (dropout_p > 0)"
-        if call.upstream_mask_needs_grad:
+        if spec.upstream_mask_needs_grad:
             return "the kernel passes no gradient to a float upstream mask that requires one"
-        if call.dtype not in DTYPES:
-            return f"the kernel computes fp16, bf16 and fp32, not {call.dtype}"
-        if max(call.head_dim, call.value_dim) > MAX_HEAD_DIM:
-            return f"the kernel takes head dims up to {MAX_HEAD_DIM}, not {max(call.head_dim, call.value_dim)}"
+        if spec.dtype not in DTYPES:
+            return f"the kernel computes fp16, bf16 and fp32, not {spec.dtype}"
+        if max(spec.head_dim, spec.value_dim) > MAX_HEAD_DIM:
+            return f"the kernel takes head dims up to {MAX_HEAD_DIM}, not {max(spec.head_dim, spec.value_dim)}"
         if TRITON_REFUSAL is not None:
             return TRITON_REFUSAL
-        if call.device_type == "cuda":
+        if spec.device_type == "cuda":
             return None
-        if call.device_type == "cpu" and interpreter_enabled():
+        if spec.device_type == "cpu" and interpreter_enabled():
             return None
         return (
             f"the kernel runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), and "
-            f"these are on {call.device_type}"
+            f"these are on {spec.device_type}"
         )
+
+    def refusal(self, call: AttentionCall) -> str | None:
+        """`refusal_for` of the call's spec."""
+        return self.refusal_for(call.spec)
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the kernel; M is sanitised and cast to the inputs' dtype with saturation."""
