@@ -149,7 +149,7 @@ def test_launcher_patches_the_model_before_upstream_resumes_an_unpatched_checkpo
     output = training_run.output
     print(f"upstream train.py through the launcher: {training_run.wall_s:.1f} s")
     # train.py builds the model twice: for training, and to evaluate its best checkpoint
-    assert output.count("lcaam-patch: patched 4 attention modules of QDDETR (preset 'qd_detr')") == 2
+    assert output.count("lcaam-patch: patched 4 attention modules of QDDETR (preset 'qd_detr',") == 2
     assert f"Load checkpoint from {training_run.unpatched_checkpoint}" in output
     assert "Loaded model saved at epoch 0" in output
 

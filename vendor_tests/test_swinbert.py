@@ -468,7 +468,7 @@ json.dump({{
         [*command, "--", str(driver), str(report)], check=False, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "patched 3 attention modules of VideoTransformer (preset 'swinbert')" in done.stderr
+    assert "patched 3 attention modules of VideoTransformer (preset 'swinbert'," in done.stderr
     result = json.loads(report.read_text())
     bert_bound = MAX_SEQ_LENGTH + VIDEO_TOKENS  # max(--max_seq_length, --max_gen_length) + M
     assert result["sites"] == {
