@@ -113,3 +113,12 @@ def forward_on_meta(model: nn.Module, make: InputMaker) -> Any:
         if all(t.is_meta for t in tensors.values()):
             return model(*args, **kwargs)
         return functional_call(model, {name: t.to("meta") for name, t in tensors.items()}, args, kwargs)
+
+
+def image_size_pair(size: Any) -> tuple[int, int] | None:
+    """(H, W) from an int or a pair of ints (a config's image size), None for anything else."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    return None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...probe import InputMaker, TokenCounter, probe_tokens
+from ...probe import InputMaker, TokenCounter, image_size_pair, probe_tokens
 
 _Key = tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
@@ -83,17 +83,8 @@ def _input_sizes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
     tokens, stride = getattr(model, "tokens_spatial_shape", None), getattr(model, "patch_stride", None)
     if isinstance(tokens, (tuple, list)) and isinstance(stride, (tuple, list)):  # Hiera
         built.append(tuple(t * s for t, s in zip(tokens, stride)))
-    sizes = [(configured[0], *pair) for size in built if (pair := _pair(size)) is not None]
+    sizes = [(configured[0], *pair) for size in built if (pair := image_size_pair(size)) is not None]
     return tuple(dict.fromkeys([*sizes, configured]))
-
-
-def _pair(size: Any) -> tuple[int, int] | None:
-    """(H, W) from an int or a pair of ints, None for anything else."""
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return int(size[0]), int(size[1])
-    return None
 
 
 def _image_input(size: tuple[int, ...]) -> InputMaker:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModuleError
-from ...probe import InputMaker, probe_tokens
+from ...probe import InputMaker, image_size_pair, probe_tokens
 from .discovery import dispatches_through_interface, is_config, is_pretrained_model
 
 _Key = tuple[int, ...]
@@ -82,7 +82,7 @@ def _inputs(model: nn.Module, site: nn.Module) -> list[InputMaker]:
     configs += [getattr(c, "vision_config", None) for c in list(configs)]
     makers: list[InputMaker] = []
     for config in configs:
-        size = _pair(getattr(config, "image_size", None))
+        size = image_size_pair(getattr(config, "image_size", None))
         if size is None:
             continue
         channels = int(getattr(config, "num_channels", 3) or 3)
@@ -91,14 +91,6 @@ def _inputs(model: nn.Module, site: nn.Module) -> list[InputMaker]:
         if isinstance(frames, int):
             makers.append(_pixels((frames, channels, *size)))
     return makers
-
-
-def _pair(size: Any) -> tuple[int, int] | None:
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return int(size[0]), int(size[1])
-    return None
 
 
 def _pixels(shape: tuple[int, ...]) -> Callable[[torch.dtype], tuple[tuple[Any, ...], dict[str, Any]]]:
