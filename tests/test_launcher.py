@@ -356,6 +356,9 @@ class Stack(Block):
         super().__init__(width)
         self.inner = Block(width)  # built inside another's constructor: left to the outer one
         self.head = nn.MultiheadAttention(width, 2, batch_first=True)  # after super().__init__()
+
+class Renamed(Block):  # no __init__ of its own
+    pass
 """
 
 
@@ -387,6 +390,17 @@ def test_a_constructor_builder_patches_the_outermost_instance_of_the_class_and_i
         sys.modules.pop("constructed_model", None)
     assert "__init_subclass__" not in vars(constructed_model.Block)
     assert not lcaam_patch.is_patched(constructed_model.Stack(8)) and not lcaam_patch.is_patched(Later(8))
+    inherited = launcher.Session(launcher.Plan(None, ("constructed_model:Renamed.__init__",), {"max_tokens": 8}, ""))
+    inherited.install()
+    try:
+        import constructed_model as reimported
+
+        assert lcaam_patch.is_patched(reimported.Renamed(8))
+        assert not lcaam_patch.is_patched(reimported.Block(8))
+    finally:
+        inherited.uninstall()
+        sys.modules.pop("constructed_model", None)
+    assert "__init__" not in vars(reimported.Renamed)
 
 
 def test_transformers_model_classes_called_directly_are_patched_once(tmp_path: Path) -> None:

@@ -177,7 +177,8 @@ class Session:
         if base in self._constructed:
             return
         self._constructed.add(base)
-        pending = [base]
+        self._wrap_constructor(target, base, inherited=True)
+        pending: list[type] = base.__subclasses__()
         while pending:
             cls = pending.pop()
             self._wrap_constructor(target, cls)
@@ -197,10 +198,10 @@ class Session:
         base.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment,method-assign]
         self.wrapped.append((base, "__init_subclass__", original))
 
-    def _wrap_constructor(self, target: str, cls: type) -> None:
-        """Wrap `cls.__init__` if `cls` defines its own."""
-        original = vars(cls).get("__init__")
-        if original is None or id(original) in self._wrappers:
+    def _wrap_constructor(self, target: str, cls: type, inherited: bool = False) -> None:
+        """Wrap `cls.__init__` if `cls` defines its own, or the one it inherits if `inherited`."""
+        original = vars(cls).get("__init__", _ABSENT)
+        if (original is _ABSENT and not inherited) or id(original) in self._wrappers:
             return
         wrapt.wrap_function_wrapper(cls, "__init__", self._wrapper(target, constructor=cls))
         self._wrappers.add(id(vars(cls)["__init__"]))
