@@ -248,6 +248,7 @@ def test_generic_presets_declare_their_builders() -> None:
     assert launcher.builder_targets("transformers") == (
         "transformers.modeling_utils:PreTrainedModel.from_pretrained",
         "transformers.modeling_utils:PreTrainedModel._from_config",
+        "transformers.modeling_utils:PreTrainedModel.__init__",
     )
 
 
@@ -340,3 +341,95 @@ def test_transformers_from_pretrained_loads_lcaam_saved_beside_or_inside(tmp_pat
         assert set(load_file(directory / "model.safetensors")) == set(state)
     finally:
         session.uninstall()
+
+
+CONSTRUCTED_SOURCE = """
+from torch import nn
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+
+class Stack(Block):
+    def __init__(self, width):
+        super().__init__(width)
+        self.inner = Block(width)  # built inside another's constructor: left to the outer one
+        self.head = nn.MultiheadAttention(width, 2, batch_first=True)  # after super().__init__()
+
+class Renamed(Block):  # no __init__ of its own
+    pass
+"""
+
+
+def test_a_constructor_builder_patches_the_outermost_instance_of_the_class_and_its_subclasses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "constructed_model.py").write_text(textwrap.dedent(CONSTRUCTED_SOURCE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plan = launcher.Plan(None, ("constructed_model:Block.__init__",), {"max_tokens": 8}, str(tmp_path))
+    session = launcher.Session(plan)
+    session.install()
+    try:
+        import constructed_model
+
+        block = constructed_model.Block(8)
+        stack = constructed_model.Stack(8)
+
+        class Later(constructed_model.Stack):  # defined after the builder was wrapped
+            def __init__(self, width: int) -> None:
+                super().__init__(width)
+                self.tail = nn.MultiheadAttention(width, 2, batch_first=True)
+
+        later = Later(8)
+        assert [(p["model"], p["sites"]) for p in session.patched] == [("Block", 1), ("Stack", 3), ("Later", 4)]
+        assert {site[0] for site in lcaam_patch.patched_sites(later)} == {"attn", "inner.attn", "head", "tail"}
+        assert lcaam_patch.is_patched(block) and lcaam_patch.is_patched(stack)
+    finally:
+        session.uninstall()
+        sys.modules.pop("constructed_model", None)
+    assert "__init_subclass__" not in vars(constructed_model.Block)
+    assert not lcaam_patch.is_patched(constructed_model.Stack(8)) and not lcaam_patch.is_patched(Later(8))
+    inherited = launcher.Session(launcher.Plan(None, ("constructed_model:Renamed.__init__",), {"max_tokens": 8}, ""))
+    inherited.install()
+    try:
+        import constructed_model as reimported
+
+        assert lcaam_patch.is_patched(reimported.Renamed(8))
+        assert not lcaam_patch.is_patched(reimported.Block(8))
+    finally:
+        inherited.uninstall()
+        sys.modules.pop("constructed_model", None)
+    assert "__init__" not in vars(reimported.Renamed)
+
+
+def test_transformers_model_classes_called_directly_are_patched_once(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    session = launcher.Session(
+        launcher.Plan("transformers", launcher.builder_targets("transformers"), {}, str(tmp_path))
+    )
+    session.install()
+    try:
+        direct = LlamaForCausalLM(config)
+
+        class WithValueHead(LlamaForCausalLM):
+            def __init__(self, config: LlamaConfig) -> None:
+                super().__init__(config)
+                self.value_head = nn.Linear(config.hidden_size, 1)
+
+        headed = WithValueHead(config)
+        auto = AutoModelForCausalLM.from_config(config)
+        builders = [(p["model"], p["sites"], p["builder"].rpartition(".")[2]) for p in session.patched]
+        assert builders == [
+            ("LlamaForCausalLM", 2, "__init__"),
+            ("WithValueHead", 2, "__init__"),
+            ("LlamaForCausalLM", 2, "_from_config"),
+        ]  # the LlamaModel inside each is left to its outer model
+        assert all(lcaam_patch.is_patched(model) for model in (direct, headed, auto))
+        assert "the builder loaded no checkpoint" in session.patched[0]["weights"]
+    finally:
+        session.uninstall()
+    assert not lcaam_patch.is_patched(LlamaForCausalLM(config))

@@ -1,15 +1,20 @@
 """`lcaam-patch run` on real training scripts, unmodified, offline on the CPU: timm's own
-`train.py`/`validate.py` (vendored in `timm_scripts/`) and a Trainer script written as
-transformers' `run_clm.py` is (`launcher_scripts/run_clm_trainer.py`), single-process and
-under `torchrun --nproc_per_node 2` (gloo). Each run goes through `python -m lcaam_patch run`
-in a child process, as a user would type it; LCAAM must train (its weights leave the
-identity), survive resuming and load when fine-tuning."""
+`train.py`/`validate.py` (vendored in `timm_scripts/`); transformers' own `run_clm.py` when
+`LCAAM_RUN_CLM` names a copy (it ships in neither the transformers wheel nor its sdist), and
+always a Trainer script written after it (`launcher_scripts/run_clm_trainer.py`, run_clm's
+flags, `datasets` and `evaluate` as run_clm uses them); single-process and on two CPU ranks
+(gloo) under `torchrun --nproc_per_node 2` and `accelerate launch`. Each run goes through
+`python -m lcaam_patch run` in a child process, as a user would type it; LCAAM must train
+(its weights leave the identity), survive resuming and load when fine-tuning."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +48,8 @@ def launch(cwd: Path, preset: str, *command: str | os.PathLike[str]) -> Ran:
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(CPU_DDP_SHIM)]),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(cwd / "hf_home"),
         "OMP_NUM_THREADS": "1",
     }
     argv = [sys.executable, "-m", "lcaam_patch", "run", "--preset", preset, "--", *map(str, command)]
@@ -146,19 +153,47 @@ def test_timm_validate_evaluates_the_lcaam_checkpoint(timm_run: tuple[Path, Ran]
     assert '"top1"' in ran.stdout
 
 
-# transformers: a run_clm-style Trainer script from scratch, resumed, fine-tuned, two ranks
+# transformers: run_clm from scratch, resumed, fine-tuned under torchrun and accelerate launch (two ranks)
 
 CLM_TRAIN = (
     "--train_file", "train.txt", "--validation_file", "val.txt", "--block_size", "16",
-    "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu", "--report_to", "none",
+    "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none",
     "--save_steps", "5", "--logging_steps", "5", "--do_train", "--do_eval", "--seed", "0",
 )  # fmt: skip
-CLM_SCRATCH = ("--config_name", "config", "--tokenizer_name", "tokenizer", *CLM_TRAIN)
+CLM_SCRATCH = ("--config_name", "config", "--tokenizer_name", "tokenizer", "--learning_rate", "1e-2", *CLM_TRAIN)
+CLM_FINE_TUNE = ("--model_name_or_path", "scratch", "--learning_rate", "1e-3", *CLM_TRAIN, "--max_steps", "5")
+ACCELERATE = (
+    "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no",
+)  # fmt: skip
+RUN_CLM = os.environ.get("LCAAM_RUN_CLM")
+CLM_SCRIPTS = [
+    pytest.param(SCRIPTS / "run_clm_trainer.py", id="run_clm_trainer"),
+    pytest.param(
+        Path(RUN_CLM or "run_clm.py"),
+        id="run_clm",
+        marks=pytest.mark.skipif(
+            not RUN_CLM,
+            reason="transformers' examples/pytorch/language-modeling/run_clm.py ships in neither its wheel nor its "
+            "sdist; set LCAAM_RUN_CLM to the path of a copy to run these tests on it",
+        ),
+    ),
+]
 
 
-@pytest.fixture(scope="module")
-def clm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
-    """A local word-level tokenizer, a tiny Llama config, text, and 10 steps from scratch."""
+@dataclasses.dataclass
+class Clm:
+    """A run_clm working directory (text, tokenizer, config, metric), its script and the run from scratch."""
+
+    work: Path
+    script: Path
+    scratch: Ran
+
+
+@pytest.fixture(scope="module", params=CLM_SCRIPTS)
+def clm_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Clm:
+    """A local word-level tokenizer, a tiny Llama config, text, the local `accuracy` metric, and
+    10 steps from scratch with evaluation."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -177,9 +212,9 @@ def clm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
     ).save_pretrained(work / "config")  # fmt: skip
-    ran = launch(work, "transformers", SCRIPTS / "run_clm_trainer.py", *CLM_SCRATCH, "--output_dir", "scratch",
-                 "--max_steps", "10")  # fmt: skip
-    return work, ran
+    shutil.copytree(SCRIPTS / "accuracy", work / "accuracy", ignore=shutil.ignore_patterns("__pycache__"))
+    scratch = launch(work, "transformers", request.param, *CLM_SCRATCH, "--output_dir", "scratch", "--max_steps", "10")
+    return Clm(work, request.param, scratch)
 
 
 def clm_lcaam(directory: Path) -> dict[str, torch.Tensor]:
@@ -187,34 +222,61 @@ def clm_lcaam(directory: Path) -> dict[str, torch.Tensor]:
     return lcaam_of(load_file(directory / "model.safetensors"))
 
 
-def test_run_clm_trains_lcaam_from_scratch(clm_run: tuple[Path, Ran]) -> None:
-    work, ran = clm_run
-    assert ran.status == 0, ran.stderr[-3000:]
-    assert "patched 2 attention modules of LlamaForCausalLM (preset 'transformers'" in ran.stderr
-    assert moved_from_identity(clm_lcaam(work / "scratch"))
-    assert changed(clm_lcaam(work / "scratch" / "checkpoint-5"), clm_lcaam(work / "scratch"))
+def continued_from(tuned: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> bool:
+    """Whether the generator weights of a short, slow fine-tune stayed nearer its trained `start`
+    than the identity (weight 0): it began from `start`, not from a fresh LCAAM."""
+    weights = [key for key in start if key.endswith("weight")]
+    return all(float((tuned[k] - start[k]).abs().max()) < float(tuned[k].abs().max()) for k in weights)
 
 
-def test_run_clm_resume_from_checkpoint_continues_lcaam(clm_run: tuple[Path, Ran]) -> None:
-    work, _ = clm_run
-    ran = launch(work, "transformers", SCRIPTS / "run_clm_trainer.py", *CLM_SCRATCH, "--output_dir", "resumed",
-                 "--max_steps", "10", "--resume_from_checkpoint", "scratch/checkpoint-5")  # fmt: skip
+def patch_line(rank: int | None, builder: str, weights: str) -> str:
+    """What a process of the launcher prints when it patches the tiny Llama."""
+    process = f"rank {rank}: " if rank is not None else ""
+    return (
+        f"lcaam-patch: {process}patched 2 attention modules of LlamaForCausalLM (preset 'transformers', "
+        f"builder transformers.modeling_utils:PreTrainedModel.{builder}); {weights}"
+    )
+
+
+SCRATCH_WEIGHTS = "the builder loaded no checkpoint: LCAAM is at init 'identity' until the script loads one"
+TUNED_WEIGHTS = "loaded 4 LCAAM weights from scratch (the keys transformers called unexpected)"
+
+
+def test_run_clm_trains_and_evaluates_lcaam_from_scratch(clm_run: Clm) -> None:
+    ran, out = clm_run.scratch, clm_run.work / "scratch"
     assert ran.status == 0, ran.stderr[-3000:]
+    assert patch_line(None, "_from_config", SCRATCH_WEIGHTS) in ran.stderr
+    assert moved_from_identity(clm_lcaam(out))
+    assert changed(clm_lcaam(out / "checkpoint-5"), clm_lcaam(out))
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= evaluated["eval_accuracy"] <= 1.0 and math.isfinite(evaluated["eval_loss"])
+
+
+def test_run_clm_resume_from_checkpoint_continues_lcaam(clm_run: Clm) -> None:
+    work = clm_run.work
+    ran = launch(work, "transformers", clm_run.script, *CLM_SCRATCH, "--output_dir", "resumed", "--max_steps", "10",
+                     "--resume_from_checkpoint", "scratch/checkpoint-5")  # fmt: skip
+    assert ran.status == 0, ran.stderr[-3000:]
+    assert patch_line(None, "_from_config", SCRATCH_WEIGHTS) in ran.stderr
     resumed, uninterrupted = clm_lcaam(work / "resumed"), clm_lcaam(work / "scratch")
     assert changed(clm_lcaam(work / "scratch" / "checkpoint-5"), resumed)
     for key, value in uninterrupted.items():  # steps 6-10 again, from the LCAAM weights of step 5
         torch.testing.assert_close(resumed[key], value, atol=1e-4, rtol=1e-3)
 
 
-def test_run_clm_fine_tunes_lcaam_from_a_trained_directory_under_two_ranks(clm_run: tuple[Path, Ran]) -> None:
-    work, _ = clm_run
-    ran = launch(work, "transformers", *TORCHRUN, SCRIPTS / "run_clm_trainer.py", "--model_name_or_path", "scratch",
-                 "--tokenizer_name", "tokenizer", *CLM_TRAIN, "--output_dir", "tuned", "--max_steps", "5")  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "output"), [pytest.param(TORCHRUN, "tuned_torchrun", id="torchrun"),
+                             pytest.param(ACCELERATE, "tuned_accelerate", id="accelerate")]
+)  # fmt: skip
+def test_run_clm_fine_tunes_lcaam_of_a_trained_directory_on_two_ranks(
+    clm_run: Clm, launcher: tuple[str, ...], output: str
+) -> None:
+    work = clm_run.work
+    ran = launch(work, "transformers", *launcher, clm_run.script, *CLM_FINE_TUNE, "--output_dir", output)
     assert ran.status == 0, ran.stderr[-3000:]
     for rank in (0, 1):
-        assert (
-            f"lcaam-patch: rank {rank}: patched 2 attention modules of LlamaForCausalLM (preset 'transformers', "
-            f"builder transformers.modeling_utils:PreTrainedModel.from_pretrained); loaded 4 LCAAM weights from "
-            f"scratch" in ran.stderr
-        )
-    assert changed(clm_lcaam(work / "scratch"), clm_lcaam(work / "tuned"))
+        assert patch_line(rank, "from_pretrained", TUNED_WEIGHTS) in ran.stderr
+        assert f"lcaam-patch run: rank {rank} patched LlamaForCausalLM (2 sites)" in ran.stderr
+    trained, tuned = clm_lcaam(work / "scratch"), clm_lcaam(work / output)
+    assert changed(trained, tuned)
+    assert continued_from(tuned, trained)

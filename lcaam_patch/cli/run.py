@@ -6,10 +6,13 @@ builder's module has that attribute wrapped (a wrapt post-import hook), so that 
 it returns (or the first item of a returned tuple) goes through `lcaam_patch.apply` before
 the script sees it: the LCAAM parameters exist before the optimizer is built, before DDP
 wraps the model and before the script loads a checkpoint. A class's `__init__` may be the
-builder too ("module:Class.__init__"): the instance is patched when it returns. Name it
-instead of the class where the class's own methods name it (`super(Class, self)`), which a
-wrapper put in place of the class would break. A builder called inside another one (an
-`Auto*` class calling the model class) is left to the outer call.
+builder too ("module:Class.__init__"): then the own `__init__` of every subclass, defined
+before or after, is wrapped as well, and an instance is patched when its outermost
+constructor returns, so a subclass that adds modules after `super().__init__()` is patched
+whole. Name it instead of the class where the class's own methods name it
+(`super(Class, self)`), which a wrapper put in place of the class would break. A builder
+called inside another one (an `Auto*` class calling the model class, a model built inside
+another's constructor) is left to the outer call.
 
 How every process gets the hooks, as `opentelemetry-instrument` does: the plan (preset,
 builders, options, a report directory) goes into the environment (`LCAAM_PATCH_RUN`, JSON)
@@ -116,6 +119,7 @@ class Session:
         self.patched: list[dict[str, Any]] = []
         self.wrapped: list[tuple[object, str, object]] = []
         self._wrappers: set[int] = set()
+        self._constructed: set[type] = set()
 
     def install(self) -> None:
         """Wrap each builder as soon as its module is imported (at once if it already is)."""
@@ -126,8 +130,13 @@ class Session:
         """Stop patching and put the original builders back."""
         self.active = False
         for owner, attribute, original in reversed(self.wrapped):
-            setattr(owner, attribute, original)
+            if original is _ABSENT:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
         self.wrapped.clear()
+        self._wrappers.clear()
+        self._constructed.clear()
 
     def hook(self, target: str) -> Any:
         """The post-import hook that wraps `target` in its module."""
@@ -152,6 +161,9 @@ class Session:
                 f"builder {target!r}; name a function that exists with --builder, or, for a preset's "
                 f"builder, install the upstream version its adapter supports"
             )
+        if name == "__init__" and isinstance(owner, type):
+            self._wrap_constructors(target, owner)
+            return
         original = vars(owner)[name] if name in vars(owner) else getattr(owner, name)
         if id(original) in self._wrappers:
             return  # an alias of a builder already wrapped (`from module import builder`)
@@ -159,10 +171,48 @@ class Session:
         self._wrappers.add(id(vars(owner)[name]))
         self.wrapped.append((owner, name, original))
 
-    def _wrapper(self, target: str) -> Any:
+    def _wrap_constructors(self, target: str, base: type) -> None:
+        """Wrap the own `__init__` of `base` and of each of its subclasses, those defined now and,
+        through `base.__init_subclass__`, those defined later."""
+        if base in self._constructed:
+            return
+        self._constructed.add(base)
+        self._wrap_constructor(target, base, inherited=True)
+        pending: list[type] = base.__subclasses__()
+        while pending:
+            cls = pending.pop()
+            self._wrap_constructor(target, cls)
+            pending.extend(cls.__subclasses__())
+        original = vars(base).get("__init_subclass__", _ABSENT)
+        session = self
+        parent_of: Any = base
+
+        def init_subclass(cls: Any, **kwargs: Any) -> None:
+            if original is _ABSENT:
+                super(parent_of, cls).__init_subclass__(**kwargs)
+            else:
+                original.__get__(None, cls)(**kwargs)
+            if session.active:
+                session._wrap_constructor(target, cls)
+
+        base.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment,method-assign]
+        self.wrapped.append((base, "__init_subclass__", original))
+
+    def _wrap_constructor(self, target: str, cls: type, inherited: bool = False) -> None:
+        """Wrap `cls.__init__` if `cls` defines its own, or the one it inherits if `inherited`."""
+        original = vars(cls).get("__init__", _ABSENT)
+        if (original is _ABSENT and not inherited) or id(original) in self._wrappers:
+            return
+        wrapt.wrap_function_wrapper(cls, "__init__", self._wrapper(target, constructor=cls))
+        self._wrappers.add(id(vars(cls)["__init__"]))
+        self.wrapped.append((cls, "__init__", original))
+
+    def _wrapper(self, target: str, constructor: type | None = None) -> Any:
         def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not self.active or self.depth:
                 return wrapped(*args, **kwargs)
+            if constructor is not None and _own_constructor(type(instance)) is not constructor:
+                return wrapped(*args, **kwargs)  # a base's `__init__`, called by the instance's own
             preset = self.plan.preset
             call = BuilderCall(args, kwargs)
             if self.adapter is not None and preset is not None:
@@ -220,6 +270,14 @@ class Session:
     def write_report(self) -> None:
         """Leave `report()` in the plan's report directory."""
         write_report(self.plan.reports, self.report())
+
+
+_ABSENT = object()  # an attribute that the class did not define itself
+
+
+def _own_constructor(cls: type) -> type:
+    """The class whose `__init__` constructs instances of `cls` (the first in its MRO to define one)."""
+    return next(klass for klass in cls.__mro__ if "__init__" in vars(klass))
 
 
 def write_report(directory: str, report: Mapping[str, Any]) -> None:

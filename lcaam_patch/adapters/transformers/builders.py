@@ -1,7 +1,10 @@
 """What `lcaam-patch run --preset transformers` wraps: `from_pretrained` and `_from_config`
 of `PreTrainedModel`, so every model class and every `Auto*` class (which call the model
 class's) build a patched model; the `Auto*` call is the outer one, the model class's
-inside it is left alone.
+inside it is left alone. `PreTrainedModel.__init__` too, so a model built by calling its
+class (`LlamaForCausalLM(config)`, a subclass of one's own) is patched when its outermost
+constructor returns; the models built inside it (`LlamaModel`, a composite model's vision
+tower) are left to it, as are those `from_pretrained`/`_from_config` build.
 
 `from_pretrained` of a local directory with LCAAM in it would drop those weights (an
 "unexpected keys" warning) before the model is patched. So after patching:
@@ -31,8 +34,9 @@ from ..base import BuilderCall
 
 FROM_PRETRAINED = "transformers.modeling_utils:PreTrainedModel.from_pretrained"
 FROM_CONFIG = "transformers.modeling_utils:PreTrainedModel._from_config"
+CONSTRUCTOR = "transformers.modeling_utils:PreTrainedModel.__init__"
 PRESETS: dict[str, dict[str, Any]] = {"transformers": {"mode": "multilayer", "fusion": "mul", "depth": 1}}
-BUILDERS: dict[str, tuple[str, ...]] = {"transformers": (FROM_PRETRAINED, FROM_CONFIG)}
+BUILDERS: dict[str, tuple[str, ...]] = {"transformers": (FROM_PRETRAINED, FROM_CONFIG, CONSTRUCTOR)}
 
 SAVED_CONFIG = "lcaam.json"  # `lcaam_patch.pretrained.CONFIG_NAME`, which imports the adapters
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
