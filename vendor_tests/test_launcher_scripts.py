@@ -1,8 +1,10 @@
-"""`lcaam-patch run` on real training scripts, unmodified, offline on the CPU: timm's own
-`train.py`/`validate.py` (vendored in `timm_scripts/`); transformers' own `run_clm.py` when
-`LCAAM_RUN_CLM` names a copy (it ships in neither the transformers wheel nor its sdist), and
-always a Trainer script written after it (`launcher_scripts/run_clm_trainer.py`, run_clm's
-flags, `datasets` and `evaluate` as run_clm uses them); single-process and on two CPU ranks
+"""`lcaam-patch run` on real training scripts, unmodified, offline on the CPU. Neither timm's
+`train.py`/`validate.py` nor transformers' `run_clm.py` ships in its package's wheel or sdist, so
+each runs when an environment variable names it (`LCAAM_TIMM_SCRIPTS`: a directory holding
+`train.py` and `validate.py`, such as a pytorch-image-models checkout; `LCAAM_RUN_CLM`: the path of
+run_clm.py), and the same tests always run scripts written after them with their flags and their
+library calls (`launcher_scripts/timm_train.py`, `timm_validate.py`, `run_clm_trainer.py`;
+`datasets` and `evaluate` as run_clm uses them); single-process and on two CPU ranks
 (gloo) under `torchrun --nproc_per_node 2` and `accelerate launch`. Each run goes through
 `python -m lcaam_patch run` in a child process, as a user would type it; LCAAM must train
 (its weights leave the identity), survive resuming and load when fine-tuning."""
@@ -26,7 +28,6 @@ from safetensors.torch import load_file
 from lcaam_patch import is_lcaam_key
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMM_SCRIPTS = Path(__file__).resolve().parent / "timm_scripts"
 SCRIPTS = Path(__file__).resolve().parent / "launcher_scripts"
 CPU_DDP_SHIM = SCRIPTS / "cpu_ddp"
 TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
@@ -88,6 +89,31 @@ TIMM_TRAIN = (
 )  # fmt: skip
 
 
+TIMM_SCRIPTS_DIR = os.environ.get("LCAAM_TIMM_SCRIPTS", "")
+
+
+@dataclasses.dataclass
+class TimmScripts:
+    """A training script with train.py's flags and an evaluation script with validate.py's."""
+
+    train: Path
+    validate: Path
+
+
+TIMM_SCRIPTS = [
+    pytest.param(TimmScripts(SCRIPTS / "timm_train.py", SCRIPTS / "timm_validate.py"), id="timm_train"),
+    pytest.param(
+        TimmScripts(Path(TIMM_SCRIPTS_DIR, "train.py"), Path(TIMM_SCRIPTS_DIR, "validate.py")),
+        id="timm_scripts",
+        marks=pytest.mark.skipif(
+            not TIMM_SCRIPTS_DIR,
+            reason="timm's train.py and validate.py (pytorch-image-models) ship in neither its wheel nor its sdist; "
+            "set LCAAM_TIMM_SCRIPTS to a directory holding both to run these tests on them",
+        ),
+    ),
+]
+
+
 def timm_lcaam(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The LCAAM weights of a train.py checkpoint."""
     from timm.models import load_state_dict
@@ -95,11 +121,23 @@ def timm_lcaam(checkpoint: Path) -> dict[str, torch.Tensor]:
     return lcaam_of(load_state_dict(str(checkpoint)))
 
 
-@pytest.fixture(scope="module")
-def timm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
-    """An image folder (2 classes, 32×32) and one epoch of train.py on it."""
+@dataclasses.dataclass
+class Timm:
+    """A timm working directory (an image folder), its scripts and one epoch of training."""
+
+    work: Path
+    scripts: TimmScripts
+    single: Ran
+
+
+@pytest.fixture(scope="module", params=TIMM_SCRIPTS)
+def timm_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Timm:
+    """An image folder (2 classes, 32×32) and one epoch of training on it."""
     from PIL import Image
 
+    scripts: TimmScripts = request.param
+    for script in (scripts.train, scripts.validate):
+        assert script.is_file(), f"{script} is missing (LCAAM_TIMM_SCRIPTS={TIMM_SCRIPTS_DIR})"
     work = tmp_path_factory.mktemp("timm")
     generator = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
@@ -109,21 +147,21 @@ def timm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ran]:
             for i in range(8):
                 pixels = (torch.rand(32, 32, 3, generator=generator) * 127 + 128 * label).to(torch.uint8)
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "1", "--experiment", "single")
-    return work, ran
+    ran = launch(work, "timm_vit", scripts.train, *TIMM_TRAIN, "--epochs", "1", "--experiment", "single")
+    return Timm(work, scripts, ran)
 
 
-def test_timm_train_trains_lcaam(timm_run: tuple[Path, Ran]) -> None:
-    work, ran = timm_run
+def test_timm_train_trains_lcaam(timm_run: Timm) -> None:
+    work, ran = timm_run.work, timm_run.single
     assert ran.status == 0, ran.stderr[-3000:]
     assert "patched 2 attention modules of VisionTransformer (preset 'timm_vit'" in ran.stderr
     assert moved_from_identity(timm_lcaam(work / "out" / "single" / "last.pth.tar"))
 
 
-def test_timm_train_resumes_lcaam_under_two_ranks(timm_run: tuple[Path, Ran]) -> None:
-    work, _ = timm_run
+def test_timm_train_resumes_lcaam_under_two_ranks(timm_run: Timm) -> None:
+    work = timm_run.work
     first = work / "out" / "single" / "last.pth.tar"
-    ran = launch(work, "timm_vit", *TORCHRUN, TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "2",
+    ran = launch(work, "timm_vit", *TORCHRUN, timm_run.scripts.train, *TIMM_TRAIN, "--epochs", "2",
                  "--resume", first, "--experiment", "ddp")  # fmt: skip
     assert ran.status == 0, ran.stderr[-3000:]
     for rank in (0, 1):
@@ -133,20 +171,20 @@ def test_timm_train_resumes_lcaam_under_two_ranks(timm_run: tuple[Path, Ran]) ->
     assert changed(timm_lcaam(first), timm_lcaam(resumed))
 
 
-def test_timm_fine_tunes_from_an_lcaam_initial_checkpoint(timm_run: tuple[Path, Ran]) -> None:
-    work, _ = timm_run
+def test_timm_fine_tunes_from_an_lcaam_initial_checkpoint(timm_run: Timm) -> None:
+    work = timm_run.work
     first = work / "out" / "single" / "last.pth.tar"
-    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "train.py", *TIMM_TRAIN, "--epochs", "1",
+    ran = launch(work, "timm_vit", timm_run.scripts.train, *TIMM_TRAIN, "--epochs", "1",
                  "--initial-checkpoint", first, "--experiment", "tuned")  # fmt: skip
     assert ran.status == 0, ran.stderr[-3000:]
     assert f"loaded 4 LCAAM weights from the checkpoint {first}" in ran.stderr
     assert changed(timm_lcaam(first), timm_lcaam(work / "out" / "tuned" / "last.pth.tar"))
 
 
-def test_timm_validate_evaluates_the_lcaam_checkpoint(timm_run: tuple[Path, Ran]) -> None:
-    work, _ = timm_run
+def test_timm_validate_evaluates_the_lcaam_checkpoint(timm_run: Timm) -> None:
+    work = timm_run.work
     best = work / "out" / "single" / "model_best.pth.tar"
-    ran = launch(work, "timm_vit", TIMM_SCRIPTS / "validate.py", "--data-dir", "data/val", *TIMM_MODEL,
+    ran = launch(work, "timm_vit", timm_run.scripts.validate, "--data-dir", "data/val", *TIMM_MODEL,
                  "--checkpoint", best, "--device", "cpu", "--workers", "0", "--no-prefetcher", "-b", "4")  # fmt: skip
     assert ran.status == 0, ran.stderr[-3000:]
     assert "patched 2 attention modules of VisionTransformer" in ran.stderr
