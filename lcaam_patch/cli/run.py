@@ -256,12 +256,12 @@ class Session:
         sites = len(patched_sites(model))
         entry = {"model": type(model).__name__, "sites": sites, "builder": target, "weights": weights}
         self.patched.append(entry)
-        print(
+        # One write of the whole line: ranks share stderr, and print's separate newline lets their lines run together.
+        sys.stderr.write(
             f"lcaam-patch: {_process()}patched {sites} attention modules of {entry['model']} "
-            f"(preset {preset!r}, builder {target}); {weights}",
-            file=sys.stderr,
-            flush=True,
+            f"(preset {preset!r}, builder {target}); {weights}\n"
         )
+        sys.stderr.flush()
 
     def report(self) -> dict[str, Any]:
         """What this process patched, as the launcher collects it."""
