@@ -51,6 +51,9 @@ class CallSpec(NamedTuple):
     head_dim: int
     value_dim: int
     is_causal: bool
+    single_query: bool = False
+    """Whether the call has one query (decoding with a KV cache): then M is one row over
+    the keys, and (QKᵀ)⊙M equals Q·(K⊙M)ᵀ."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,7 @@ class AttentionCall:
             q.shape[-1],
             self.v.shape[-1],
             self.is_causal,
+            q.shape[-2] == 1,
         )
 
     @property

@@ -9,12 +9,21 @@ dot product that SDPA (flash/memory-efficient kernels on the GPU) computes exact
 
 The factors are used as they are: the masking module's sanitising of M at hard-masked keys
 does not apply to them (a non-finite factor of a masked key is not cleaned).
+
+A fused kernel's backward takes rowsum(dO·O) from the stored output, so where the softmax
+saturates (|M| of 1e10 and more) its rounding, of order ε·|dO|·|v|, reaches q and the
+factors multiplied by |M|: gradients of 1e3 to 1e13 where eager's are 0. On the CPU, a
+call that autograd will differentiate therefore runs SDPA's math kernel, whose softmax
+backward is eager's.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import masking
 from .call import AttentionCall, CallSpec, LowRankMask
@@ -61,15 +70,20 @@ class LowRankSDPABackend:
         if v.is_cuda and value_dim < q_wide.shape[-1]:
             v = F.pad(v, (0, q_wide.shape[-1] - value_dim))  # equal head dims keep flash eligible
         upstream = masking.upstream_mask(call)
+        differentiated = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q_wide, k_wide, v, upstream.bias) if t is not None
+        )
+        kernel = sdpa_kernel(SDPBackend.MATH) if differentiated and v.device.type == "cpu" else contextlib.nullcontext()
         only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
         attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
-        out = F.scaled_dot_product_attention(
-            q_wide,
-            k_wide,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=call.dropout_p,
-            is_causal=only_causal,
-            scale=call.scale,
-        )[..., :value_dim]
+        with kernel:
+            out = F.scaled_dot_product_attention(
+                q_wide,
+                k_wide,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=call.dropout_p,
+                is_causal=only_causal,
+                scale=call.scale,
+            )[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None
