@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import masking
 from .call import AttentionCall, CallSpec, LowRankMask
+from .sdpa import SDPA_GROUPS_HEADS, grouped
 
 
 def widen(
@@ -37,10 +38,9 @@ def widen(
     b = mask.b.to(k.dtype).unsqueeze(1)
     if fusion == "mul":
         return (a.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2), (b.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)
-    heads = q.shape[1]
     pad = -(q.shape[-1] + a.shape[-1]) % 8
-    q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, heads, -1, -1)], -1), (0, pad))
-    k_wide = F.pad(torch.cat([k, b.expand(-1, heads, -1, -1)], -1), (0, pad))
+    q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, q.shape[1], -1, -1)], -1), (0, pad))
+    k_wide = F.pad(torch.cat([k, b.expand(-1, k.shape[1], -1, -1)], -1), (0, pad))
     return q_wide, k_wide
 
 
@@ -48,6 +48,7 @@ class LowRankSDPABackend:
     """Factorized masks of either fusion on every device; never returns weights."""
 
     accepts_lowrank = True
+    accepts_grouped_heads = SDPA_GROUPS_HEADS
 
     def refusal_for(self, spec: CallSpec) -> str | None:
         """Only factorized masks (generator='lowrank'), and no weights."""
@@ -85,5 +86,6 @@ class LowRankSDPABackend:
                 dropout_p=call.dropout_p,
                 is_causal=only_causal,
                 scale=call.scale,
+                **grouped(call),
             )[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None

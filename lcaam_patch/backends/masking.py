@@ -245,7 +245,10 @@ def uniform_dead_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`out` (B, H, Nq, Dv) and `weights` with the rows `dead` (from `finite_dead_rows`) set to
     what the upstream computes there: the mean of `v` over every key, and weights 1/Nk."""
-    out = torch.where(dead, v.mean(dim=-2, keepdim=True).to(out.dtype), out)
+    mean = v.mean(dim=-2, keepdim=True).to(out.dtype)
+    if mean.shape[1] != out.shape[1]:  # grouped heads: each key head serves several query heads
+        mean = mean.repeat_interleave(out.shape[1] // mean.shape[1], dim=1)
+    out = torch.where(dead, mean, out)
     if weights is not None:
         weights = weights.masked_fill(dead, 1.0 / v.shape[-2])
     return out, weights

@@ -14,9 +14,19 @@ import torch.nn.functional as F
 from . import masking
 from .call import AttentionCall, CallSpec
 
+SDPA_GROUPS_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+"""Whether this torch's SDPA takes keys with fewer heads than the queries (`enable_gqa`)."""
+
+
+def grouped(call: AttentionCall) -> dict[str, bool]:
+    """SDPA's keyword for a call whose k and v have fewer heads than q (none otherwise)."""
+    return {"enable_gqa": True} if call.k.shape[1] != call.q.shape[1] else {}
+
 
 class SDPABackend:
     """M, the upstream mask and causality folded into one SDPA call."""
+
+    accepts_grouped_heads = SDPA_GROUPS_HEADS
 
     def refusal_for(self, spec: CallSpec) -> str | None:
         """SDPA adds a mask to the scores; it multiplies them only by scaling the keys, which
@@ -47,6 +57,6 @@ class SDPABackend:
         else:
             bias = upstream.additive(call.dtype, m)
         out = F.scaled_dot_product_attention(
-            call.q, k, call.v, attn_mask=bias, dropout_p=call.dropout_p, scale=call.scale
+            call.q, k, call.v, attn_mask=bias, dropout_p=call.dropout_p, scale=call.scale, **grouped(call)
         )
         return masking.zero_dead_rows(out, upstream), None

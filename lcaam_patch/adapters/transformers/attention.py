@@ -62,9 +62,6 @@ def lcaam_attention_function(
     _check_queries(site, module, call.x, query)
     given_key, given_value, given_mask = key, value, attention_mask
     num_queries, num_keys = query.shape[-2], key.shape[-2]
-    if key.shape[1] != query.shape[1]:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = False
     dead_rows = None
     if attention_mask is not None:
@@ -128,7 +125,7 @@ def lcaam_attention_function(
             probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
             attended = masking.upstream_mask(probe).full_keep()
             if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
-                moves = (query @ key.transpose(-2, -1)) != 0
+                moves = (query @ probe.with_repeated_heads().k.transpose(-2, -1)) != 0
                 attended = moves if attended is None else attended & moves
         verify_first_call(
             site,
