@@ -183,13 +183,15 @@ class AttentionCall:
     ) -> AttentionCall:
         """This call with another k, v or M of the same shapes, keeping its split upstream
         mask (which depends on none of them)."""
-        call = dataclasses.replace(
-            self,
-            k=self.k if k is None else k,
-            v=self.v if v is None else v,
-            mask=self.mask if mask is None else mask,
-        )
-        object.__setattr__(call, "upstream", self.upstream)
+        call = object.__new__(AttentionCall)
+        fields = call.__dict__
+        fields.update(self.__dict__)  # a copy of every field, the split upstream mask included
+        if k is not None:
+            fields["k"] = k
+        if v is not None:
+            fields["v"] = v
+        if mask is not None:
+            fields["mask"] = mask
         return call
 
 

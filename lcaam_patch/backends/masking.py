@@ -234,9 +234,10 @@ def finite_hard_mask(attn_mask: torch.Tensor | None) -> tuple[torch.Tensor | Non
         return attn_mask, None
     threshold = torch.finfo(attn_mask.dtype).min / 2
     if attn_mask.device.type == "cpu" and not attn_mask.requires_grad and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(attn_mask)
-        if low.item() > threshold:
-            return (None if low.item() == 0.0 == high.item() else attn_mask), None
+        if not attn_mask.any().item():
+            return None, None
+        if attn_mask.min().item() > threshold:
+            return attn_mask, None
     return harden(attn_mask, threshold), finite_dead_rows(attn_mask, threshold)
 
 
