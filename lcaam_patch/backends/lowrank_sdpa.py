@@ -37,6 +37,8 @@ def widen(
     a = mask.a.to(q.dtype).unsqueeze(1)
     b = mask.b.to(k.dtype).unsqueeze(1)
     if fusion == "mul":
+        if a.shape[-1] == 1:  # rank 1: the heads keep their width, scaled per token
+            return q * a, k * b
         return (a.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2), (b.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)
     pad = -(q.shape[-1] + a.shape[-1]) % 8
     q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, q.shape[1], -1, -1)], -1), (0, pad))
