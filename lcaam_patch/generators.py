@@ -90,7 +90,7 @@ def _linear_stack(
 
 
 def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
-    return [cast(nn.Linear, layer) for layer in stack]
+    return cast(list[nn.Linear], list(stack._modules.values()))
 
 
 def _run_hidden(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ a factorized M made dense at most once, third-party backends asked per call as b
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -216,22 +218,121 @@ def test_the_cache_keys_hold_specs_only():
     assert keys and all(isinstance(spec, CallSpec) for _, spec, _ in keys)
 
 
-@pytest.mark.parametrize("magnitude", [1e10, 1e12, 1e15])
+@pytest.mark.parametrize("magnitude", [1e10, 1e12, 1e15, 1e19])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_lowrank_backward_stays_finite_where_eager_does_at_huge_masks(magnitude, is_causal):
-    """Factors giving |M| ≈ 1e10 … 1e15 at attended keys (mul, B=H=1, Nq=2, Nk=12)."""
+@pytest.mark.parametrize("upstream", ["none", "bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lowrank_backward_stays_finite_where_eager_does_at_huge_masks(magnitude, is_causal, upstream, dtype):
+    """Factors giving |M| ≈ 1e10 … 1e19 at attended keys (mul, B=H=1, Nq=2, Nk=12): the
+    softmax saturates, eager's gradients are 0, and a fused kernel's backward would multiply
+    its rounding by |M| (1e3 … 1e13 in float32 on torch 2.14)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
-    a = torch.full((1, 2, 1), magnitude**0.5) * torch.tensor([1.0, -1.0]).view(1, 2, 1)
-    b = torch.full((1, 12, 1), magnitude**0.5) * torch.linspace(0.5, 1.0, 12).view(1, 12, 1)
+    q, k, v = (torch.randn(1, 1, n, 8, dtype=dtype) for n in (2, 12, 12))
+    a = (torch.full((1, 2, 1), magnitude**0.5) * torch.tensor([1.0, -1.0]).view(1, 2, 1)).to(dtype)
+    b = (torch.full((1, 12, 1), magnitude**0.5) * torch.linspace(0.5, 1.0, 12).view(1, 12, 1)).to(dtype)
+    keep = torch.ones(1, 1, 2, 12, dtype=torch.bool)
+    keep[..., 3] = False
+    keep[..., 0, 7:] = False
+    attn_mask = {
+        "none": None,
+        "bool": keep,
+        "float": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, -math.inf),
+    }
     grads = {}
     for backend in ("eager", "lowrank_sdpa"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, a, b)]
         out, _ = lcaam_attention(
-            *leaves[:3], LowRankMask(*leaves[3:]), fusion="mul", scale=8**-0.5, is_causal=is_causal, backend=backend
+            *leaves[:3],
+            LowRankMask(*leaves[3:]),
+            fusion="mul",
+            scale=8**-0.5,
+            is_causal=is_causal,
+            attn_mask=attn_mask[upstream],
+            backend=backend,
         )
         grads[backend] = torch.autograd.grad(out.square().sum(), leaves)
     for eager, lowrank in zip(grads["eager"], grads["lowrank_sdpa"]):
         assert eager.isfinite().all()
         assert lowrank.isfinite().all()
         torch.testing.assert_close(lowrank, eager, rtol=1e-3, atol=1e-3 * max(1.0, eager.abs().max().item()))
+
+
+def decode_upstream(kind: str, B: int, Nk: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """An upstream mask of one query: none, bool or -inf padding, one sample with every key hidden."""
+    if kind == "none":
+        return None
+    keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    keep[0, ..., -3:] = False
+    keep[-1] = False  # a dead row
+    return keep if kind == "bool" else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("upstream", ["none", "bool", "float"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_sdpa_multiplies_one_query_by_scaling_the_keys_exactly_with_gradients(upstream, kv_heads):
+    """Decoding (Nq = 1): (q·kⱼ)·Mⱼ = q·(Mⱼkⱼ), through SDPA, also with grouped key heads."""
+    torch.manual_seed(0)
+    B, Nk = 3, 9
+    q = torch.randn(B, 4, 1, 8)
+    k, v = torch.randn(B, kv_heads, Nk, 8), torch.randn(B, kv_heads, Nk, 8)
+    m = torch.rand(B, 1, Nk) * 3
+    m[0, 0, -1] = float("inf")  # at a hidden key: no effect
+    attn_mask = decode_upstream(upstream, B, Nk)
+    if attn_mask is None:
+        m[0, 0, -1] = 2.0
+    call = AttentionCall(q, k, v, m, fusion="mul", scale=0.4, attn_mask=attn_mask)
+    assert call.spec.single_query and call.spec.grouped_heads == (kv_heads != 4)
+    assert choose("auto", call) == "sdpa"
+    results = {}
+    for backend in ("sdpa", "eager"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, m)]
+        out, _ = lcaam_attention(*leaves, fusion="mul", scale=0.4, attn_mask=attn_mask, backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out.square().sum(), leaves))
+    for got, expected in zip(results["sdpa"], results["eager"]):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if upstream != "none":
+        assert (results["sdpa"][0][-1] == 0).all()  # the dead row
+
+
+def test_sdpa_refuses_mul_with_several_queries_or_in_float16():
+    q, k, v, a, b = inputs()
+    with pytest.raises(lcaam_patch.BackendUnavailableError, match="not multiply them.*one query"):
+        lcaam_attention(q, k, v, a @ b.transpose(-2, -1), fusion="mul", scale=0.5, backend="sdpa")
+    spec = AttentionCall(q[:, :, :1], k, v, (a @ b.transpose(-2, -1))[:, :1], fusion="mul", scale=0.5).spec
+    assert refusal_for("sdpa", spec) is None
+    assert "float16" in str(refusal_for("sdpa", spec._replace(dtype=torch.float16)))
+    assert choose("auto", spec._replace(dtype=torch.float16)) == "eager"
+
+
+@pytest.mark.parametrize("backend", ["eager", "lowrank_sdpa", "sdpa"])
+def test_grouped_key_heads_equal_repeated_ones_and_are_repeated_once_for_backends_that_need_it(monkeypatch, backend):
+    repeats = []
+    repeat = AttentionCall.with_repeated_heads
+    monkeypatch.setattr(AttentionCall, "with_repeated_heads", lambda self: repeats.append(1) or repeat(self))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    a, b = torch.rand(2, 5, 1), torch.rand(2, 7, 1)
+    fusion = "add" if backend == "sdpa" else "mul"
+    mask = LowRankMask(a, b) if backend == "lowrank_sdpa" else a @ b.transpose(-2, -1)
+    kwargs = dict(fusion=fusion, scale=0.3, attn_mask=padding(Nk=7), backend=backend)
+    out, _ = lcaam_attention(q, k, v, mask, **kwargs)
+    assert len(repeats) == (1 if backend == "eager" else 0)
+    expected, _ = lcaam_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_finfo_min_mask_is_read_once_and_dropped_on_the_cpu_when_it_hides_nothing():
+    zeros = torch.zeros(2, 1, 1, 6)
+    assert masking.finite_hard_mask(zeros) == (None, None)
+    soft = torch.randn(2, 1, 1, 6)
+    hardened, dead = masking.finite_hard_mask(soft)
+    assert hardened is soft and dead is None
+    padded = soft.clone()
+    padded[0, ..., -2:] = torch.finfo(torch.float32).min
+    padded[1] = torch.finfo(torch.float32).min
+    hardened, dead = masking.finite_hard_mask(padded)
+    assert hardened is not None and dead is not None
+    assert torch.isneginf(hardened).sum() == 2 + 6 and dead.flatten().tolist() == [False, True]
+    needs_grad = zeros.clone().requires_grad_()
+    assert masking.finite_hard_mask(needs_grad)[0] is not None  # its gradient is kept

@@ -51,6 +51,11 @@ class CallSpec(NamedTuple):
     head_dim: int
     value_dim: int
     is_causal: bool
+    single_query: bool = False
+    """Whether the call has one query (decoding with a KV cache): then M is one row over
+    the keys, and (QKᵀ)⊙M equals Q·(K⊙M)ᵀ."""
+    grouped_heads: bool = False
+    """Whether k and v have fewer heads than q (grouped-query attention)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,9 @@ class AttentionCall:
     """One fused LCAAM attention, softmax((QKᵀ·scale ◇ M) + upstream mask) V.
 
     Attributes:
-        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
+        q, k, v: (B, H, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv), with Hk dividing H: each
+            key head serves H / Hk consecutive query heads (grouped-query attention; Hk = H
+            for plain multi-head attention).
         mask: the LCAAM mask M (B, Nq, Nk), shared by every head, or its factors.
         fusion: "mul" or "add" (◇).
         scale: the factor on QKᵀ, usually D ** -0.5.
@@ -106,6 +113,8 @@ class AttentionCall:
             q.shape[-1],
             self.v.shape[-1],
             self.is_causal,
+            q.shape[-2] == 1,
+            self.k.shape[1] != q.shape[1],
         )
 
     @property
@@ -158,6 +167,13 @@ class AttentionCall:
         """This call with M as a dense tensor (its split upstream mask carried over)."""
         return self if not isinstance(self.mask, LowRankMask) else self.derived(mask=self.mask.dense())
 
+    def with_repeated_heads(self) -> AttentionCall:
+        """This call with k and v repeated to q's heads (each key head H / Hk times)."""
+        groups = self.q.shape[1] // self.k.shape[1]
+        if groups == 1:
+            return self
+        return self.derived(k=self.k.repeat_interleave(groups, dim=1), v=self.v.repeat_interleave(groups, dim=1))
+
     def derived(
         self,
         *,
@@ -167,13 +183,15 @@ class AttentionCall:
     ) -> AttentionCall:
         """This call with another k, v or M of the same shapes, keeping its split upstream
         mask (which depends on none of them)."""
-        call = dataclasses.replace(
-            self,
-            k=self.k if k is None else k,
-            v=self.v if v is None else v,
-            mask=self.mask if mask is None else mask,
-        )
-        object.__setattr__(call, "upstream", self.upstream)
+        call = object.__new__(AttentionCall)
+        fields = call.__dict__
+        fields.update(self.__dict__)  # a copy of every field, the split upstream mask included
+        if k is not None:
+            fields["k"] = k
+        if v is not None:
+            fields["v"] = v
+        if mask is not None:
+            fields["mask"] = mask
         return call
 
 
@@ -191,7 +209,9 @@ class AttentionBackend(Protocol):
     `refusal` says why the backend cannot compute a call exactly (None when it can);
     `__call__` computes it and returns the output and, when asked, the weights. A backend
     that sets `accepts_lowrank = True` receives a factorized M as a `LowRankMask`; every
-    other backend gets a dense M. A backend that also has `refusal_for(spec)` (`SpecRefusal`)
+    other backend gets a dense M. One that sets `accepts_grouped_heads = True` receives k
+    and v with the heads they come with (Hk dividing H); the others get them repeated to H.
+    A backend that also has `refusal_for(spec)` (`SpecRefusal`)
     is asked that instead, once per distinct `CallSpec`; one with only `refusal(call)` is
     asked on every call.
     """

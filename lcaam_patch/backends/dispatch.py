@@ -23,6 +23,7 @@ class _Registered:
     backend: AttentionBackend
     refusal_for: Callable[[CallSpec], str | None] | None  # None: asked per call, with the call
     accepts_lowrank: bool
+    accepts_grouped_heads: bool
 
 
 _BACKENDS: dict[str, _Registered] = {}
@@ -64,7 +65,11 @@ def register_backend(name: str, backend: AttentionBackend, priority: int = 0, *,
         raise RegistrationError(f"a backend named {name!r} is already registered; pass replace=True")
     by_spec = getattr(backend, "refusal_for", None)
     _BACKENDS[name] = _Registered(
-        priority, backend, by_spec if callable(by_spec) else None, bool(getattr(backend, "accepts_lowrank", False))
+        priority,
+        backend,
+        by_spec if callable(by_spec) else None,
+        bool(getattr(backend, "accepts_lowrank", False)),
+        bool(getattr(backend, "accepts_grouped_heads", False)),
     )
     _registry_changed()
 
@@ -89,24 +94,41 @@ def get_backend(name: str) -> AttentionBackend:
 
 class _Asked:
     """One call as the dispatch asks backends about it: its spec, the process context, and
-    its dense form, made at most once and only for a backend that needs M dense."""
+    the forms other backends need (M dense, k and v repeated to q's heads), each made at most
+    once and only for a backend that needs it."""
 
-    __slots__ = ("_dense", "call", "context", "spec")
+    __slots__ = ("_dense", "_forms", "_repeated", "call", "context", "spec")
 
     def __init__(self, call: AttentionCall | None, spec: CallSpec) -> None:
         self.call = call
         self.spec = spec
-        self.context = tuple(hook() for hook in _CONTEXTS) if _CONTEXTS else ()
-        self._dense: AttentionCall | None = None
+        self.context = tuple([hook() for hook in _CONTEXTS]) if _CONTEXTS else ()
+        self._forms: dict[tuple[bool, bool], AttentionCall] = {}
+        self._dense: torch.Tensor | None = None
+        self._repeated: AttentionCall | None = None
 
     def form_for(self, entry: _Registered) -> AttentionCall:
-        """The call as `entry` receives it: factors for a backend that accepts them, else dense."""
-        assert self.call is not None
-        if not self.spec.is_lowrank or entry.accepts_lowrank:
-            return self.call
-        if self._dense is None:
-            self._dense = self.call.with_dense_mask()
-        return self._dense
+        """The call as `entry` receives it: factors and grouped heads for a backend that
+        accepts them, else M dense and k, v repeated to q's heads."""
+        call = self.call
+        assert call is not None
+        dense = self.spec.is_lowrank and not entry.accepts_lowrank
+        repeat = self.spec.grouped_heads and not entry.accepts_grouped_heads
+        if not (dense or repeat):
+            return call
+        form = self._forms.get((dense, repeat))
+        if form is None:
+            form = call
+            if repeat:
+                if self._repeated is None:
+                    self._repeated = call.with_repeated_heads()
+                form = self._repeated
+            if dense:
+                if self._dense is None:
+                    self._dense = call.dense_mask()
+                form = form.derived(mask=self._dense)
+            self._forms[(dense, repeat)] = form
+        return form
 
 
 def _refusal(name: str, asked: _Asked, cache: bool = True) -> str | None:

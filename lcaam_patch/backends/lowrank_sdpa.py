@@ -9,15 +9,25 @@ dot product that SDPA (flash/memory-efficient kernels on the GPU) computes exact
 
 The factors are used as they are: the masking module's sanitising of M at hard-masked keys
 does not apply to them (a non-finite factor of a masked key is not cleaned).
+
+A fused kernel's backward takes rowsum(dO·O) from the stored output, so where the softmax
+saturates (|M| of 1e10 and more) its rounding, of order ε·|dO|·|v|, reaches q and the
+factors multiplied by |M|: gradients of 1e3 to 1e13 where eager's are 0. On the CPU, a
+call that autograd will differentiate therefore runs SDPA's math kernel, whose softmax
+backward is eager's.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import masking
 from .call import AttentionCall, CallSpec, LowRankMask
+from .sdpa import SDPA_GROUPS_HEADS, grouped
 
 
 def widen(
@@ -27,11 +37,12 @@ def widen(
     a = mask.a.to(q.dtype).unsqueeze(1)
     b = mask.b.to(k.dtype).unsqueeze(1)
     if fusion == "mul":
+        if a.shape[-1] == 1:  # rank 1: the heads keep their width, scaled per token
+            return q * a, k * b
         return (a.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2), (b.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)
-    heads = q.shape[1]
     pad = -(q.shape[-1] + a.shape[-1]) % 8
-    q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, heads, -1, -1)], -1), (0, pad))
-    k_wide = F.pad(torch.cat([k, b.expand(-1, heads, -1, -1)], -1), (0, pad))
+    q_wide = F.pad(torch.cat([q, (a / scale).expand(-1, q.shape[1], -1, -1)], -1), (0, pad))
+    k_wide = F.pad(torch.cat([k, b.expand(-1, k.shape[1], -1, -1)], -1), (0, pad))
     return q_wide, k_wide
 
 
@@ -39,6 +50,7 @@ class LowRankSDPABackend:
     """Factorized masks of either fusion on every device; never returns weights."""
 
     accepts_lowrank = True
+    accepts_grouped_heads = SDPA_GROUPS_HEADS
 
     def refusal_for(self, spec: CallSpec) -> str | None:
         """Only factorized masks (generator='lowrank'), and no weights."""
@@ -61,15 +73,21 @@ class LowRankSDPABackend:
         if v.is_cuda and value_dim < q_wide.shape[-1]:
             v = F.pad(v, (0, q_wide.shape[-1] - value_dim))  # equal head dims keep flash eligible
         upstream = masking.upstream_mask(call)
+        differentiated = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q_wide, k_wide, v, upstream.bias) if t is not None
+        )
+        kernel = sdpa_kernel(SDPBackend.MATH) if differentiated and v.device.type == "cpu" else contextlib.nullcontext()
         only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
         attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
-        out = F.scaled_dot_product_attention(
-            q_wide,
-            k_wide,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=call.dropout_p,
-            is_causal=only_causal,
-            scale=call.scale,
-        )[..., :value_dim]
+        with kernel:
+            out = F.scaled_dot_product_attention(
+                q_wide,
+                k_wide,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=call.dropout_p,
+                is_causal=only_causal,
+                scale=call.scale,
+                **grouped(call),
+            )[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None

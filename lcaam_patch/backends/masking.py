@@ -10,14 +10,14 @@ The guarantee every backend meets through this module:
 - Finite entries of a float mask are *soft*: added to the fused scores, as upstream adds
   them, so a large S·M can outweigh them. Adapters whose upstream writes hard masks as a
   large finite negative number (BERT's -10000, `finfo.min`) turn them into -inf with
-  `harden` first.
+  `harden` (`finite_hard_mask` for `finfo.min`) first.
 - Keys that are hard-masked for every query and head of their sample (key padding) are
   zeroed in k and v (and in a factorized M's key factor) before any backend sees them, so
   whatever those keys hold cannot overflow a fused score into a NaN.
 - A query whose keys are all hard-masked (a *dead row*) gets output 0 and no gradient,
   never NaN. Where an upstream writes its hard masks as a large finite number and its own
   softmax therefore averages a dead row uniformly (transformers' eager masks, `finfo.min`),
-  the adapter reproduces that average with `finite_dead_rows` and `uniform_dead_rows`: the
+  the adapter reproduces that average with `finite_hard_mask` and `uniform_dead_rows`: the
   mean of v over every key, with no gradient to q, k or M.
 - M is cast to the dtype a backend computes in with saturation, so a finite M stays finite
   in half precision; a non-finite M at a key that is attended is not a mask and gives a
@@ -220,12 +220,36 @@ def finite_dead_rows(attn_mask: torch.Tensor, threshold: float) -> torch.Tensor:
     return (attn_mask <= threshold).all(dim=-1, keepdim=True)
 
 
+def finite_hard_mask(attn_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An upstream mask that writes "masked" as `finfo.min` (transformers, diffusers) in
+    `AttentionCall`'s convention, and its dead rows: (the mask with every entry at or below
+    half of `finfo.min` made -inf, `finite_dead_rows` of it or None). Bool masks and None
+    pass as they are.
+
+    On the CPU outside `torch.compile`, where reading a value costs no device sync, a mask
+    that needs no gradient is looked at first: one that hides no key needs no hardening and
+    has no dead row, and one that is all zeros is no mask at all (None).
+    """
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return attn_mask, None
+    threshold = torch.finfo(attn_mask.dtype).min / 2
+    if attn_mask.device.type == "cpu" and not attn_mask.requires_grad and not torch.compiler.is_compiling():
+        if not attn_mask.any().item():
+            return None, None
+        if attn_mask.min().item() > threshold:
+            return attn_mask, None
+    return harden(attn_mask, threshold), finite_dead_rows(attn_mask, threshold)
+
+
 def uniform_dead_rows(
     out: torch.Tensor, weights: torch.Tensor | None, v: torch.Tensor, dead: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`out` (B, H, Nq, Dv) and `weights` with the rows `dead` (from `finite_dead_rows`) set to
     what the upstream computes there: the mean of `v` over every key, and weights 1/Nk."""
-    out = torch.where(dead, v.mean(dim=-2, keepdim=True).to(out.dtype), out)
+    mean = v.mean(dim=-2, keepdim=True).to(out.dtype)
+    if mean.shape[1] != out.shape[1]:  # grouped heads: each key head serves several query heads
+        mean = mean.repeat_interleave(out.shape[1] // mean.shape[1], dim=1)
+    out = torch.where(dead, mean, out)
     if weights is not None:
         weights = weights.masked_fill(dead, 1.0 / v.shape[-2])
     return out, weights

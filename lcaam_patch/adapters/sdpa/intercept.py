@@ -118,11 +118,7 @@ def attend(
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
-    dead_rows = None
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        threshold = torch.finfo(attn_mask.dtype).min / 2
-        dead_rows = masking.finite_dead_rows(attn_mask, threshold)
-        attn_mask = masking.harden(attn_mask, threshold)
+    attn_mask, dead_rows = masking.finite_hard_mask(attn_mask)
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     kv_tokens = forward.kv_tokens
     lowrank = site.config is not None and site.config.generator == "lowrank"

@@ -194,13 +194,22 @@ def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
     """A generator whose Linears another tuner wrapped (PEFT's target_modules="all-linear")
     would run their base weights only: the tuner's update would be silently lost."""
     generator = module._modules.get(GENERATOR_NAME)
-    if generator is not None and any(hasattr(m, "base_layer") for m in generator.modules()):
+    if generator is not None and _wrapped(generator):
         raise UnsupportedModuleError(
             f"the LCAAM generator of {path!r} had its Linear layers wrapped by another tuner (e.g. "
             f"LoRA with target_modules='all-linear'), whose update LCAAM's sliced weights would "
             f"silently skip; leave the generators out (LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) "
             f"and train them as they are (modules_to_save=['lcaam'])"
         )
+
+
+def _wrapped(generator: nn.Module) -> bool:
+    """Whether a module of `generator` wraps another (PEFT's `base_layer`). A generator still
+    made of its Linear stacks (ModuleLists of `nn.Linear`) is answered without walking it."""
+    for stack in generator._modules.values():
+        if type(stack) is not nn.ModuleList or any(type(m) is not nn.Linear for m in stack._modules.values()):
+            return any(hasattr(m, "base_layer") for m in generator.modules())
+    return False
 
 
 def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ...backends import AttentionCall, LowRankMask, masking, run
-from ...backends.masking import harden
 from ...errors import UnsupportedModuleError
 from ...site import SITE_ATTR, LCAAMSite
 from ...verification import needs_verification, verify_first_call
@@ -23,13 +22,6 @@ _REFUSED_ARGUMENTS = ("softcap", "s_aux", "sinks", "sparse_indices", "topk_indic
 
 ATTENTION_FUNCTION = "lcaam"
 """The name LCAAM's attention function is registered under in `AttentionInterface`."""
-
-
-def _hard(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as is; a float mask with its `finfo.min` entries made hard."""
-    if mask.dtype == torch.bool:
-        return mask
-    return harden(mask, torch.finfo(mask.dtype).min / 2)
 
 
 def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -70,16 +62,10 @@ def lcaam_attention_function(
     _check_queries(site, module, call.x, query)
     given_key, given_value, given_mask = key, value, attention_mask
     num_queries, num_keys = query.shape[-2], key.shape[-2]
-    if key.shape[1] != query.shape[1]:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = False
     dead_rows = None
     if attention_mask is not None:
-        attention_mask = attention_mask[..., :num_keys]
-        if attention_mask.dtype != torch.bool:
-            dead_rows = masking.finite_dead_rows(attention_mask, _threshold(attention_mask))
-        attention_mask = _hard(attention_mask)
+        attention_mask, dead_rows = masking.finite_hard_mask(attention_mask[..., :num_keys])
     elif state.implementation == "sdpa":
         wanted = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(wanted) and num_queries > 1
@@ -139,7 +125,7 @@ def lcaam_attention_function(
             probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
             attended = masking.upstream_mask(probe).full_keep()
             if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
-                moves = (query @ key.transpose(-2, -1)) != 0
+                moves = (query @ probe.with_repeated_heads().k.transpose(-2, -1)) != 0
                 attended = moves if attended is None else attended & moves
         verify_first_call(
             site,
@@ -152,11 +138,6 @@ def lcaam_attention_function(
             attended=attended,
         )
     return output, weights
-
-
-def _threshold(mask: torch.Tensor) -> float:
-    """At or below this, an entry of a float mask hides its key (half of `finfo.min`)."""
-    return torch.finfo(mask.dtype).min / 2
 
 
 def _check_queries(site: LCAAMSite, module: nn.Module, x: torch.Tensor, query: torch.Tensor) -> None:
