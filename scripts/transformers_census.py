@@ -40,6 +40,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import warnings
@@ -79,6 +80,7 @@ _HIDDEN_KEYS = {
     "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "d_embed", "hidden_dim",
     "word_embed_proj_dim", "projection_dim", "encoder_hidden_size", "vision_embed_dim", "text_embed_dim",
     "text_hidden_size", "vision_hidden_size", "mm_hidden_size", "embedding_size", "cross_attention_hidden_size",
+    "emb_dim", "d_latents",
 }  # fmt: skip
 _HEAD_KEYS = {
     "num_attention_heads", "n_head", "num_heads", "n_heads", "num_head", "attention_heads",
@@ -99,8 +101,12 @@ _SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "num_conv_pos_embeddings": 16, "image_size": 32, "patch_size": 8, "window_size": 2,
+    "num_conv_pos_embeddings": 16, "image_size": 32, "patch_size": 8, "window_size": 2, "rotary_dim": 16,
 }  # fmt: skip
+_WIDTH_NAME = re.compile(r"hidden|dim|_size$|channels|width")
+_NOT_WIDTH = re.compile(
+    r"vocab|position|image|patch|kernel|window|stride|head|num_|max_|mel|codebook_size|sampl|chunk|layer"
+)
 _LIST_KEYS = {"depths": 1, "num_heads": 2, "num_attention_heads": 2, "hidden_sizes": 32, "conv_dim": 32}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -115,19 +121,54 @@ def _token_ids(tree: dict[str, Any]) -> list[int]:
     for key, value in tree.items():
         if isinstance(value, dict):
             found += _token_ids(value)
-        elif str(key).endswith(("_token_id", "_token_index", "_token_ids")):
+        elif _is_token_key(key):
             values = value if isinstance(value, list) else [value]
             found += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
     return found
 
 
-def _shrink(tree: dict[str, Any], vocab: int) -> None:
-    """Shrink a config dict in place, sub-configs (dicts with a model_type) included."""
+def _is_token_key(key: Any) -> bool:
+    return str(key).endswith(("_token_id", "_token_index", "_token_ids"))
+
+
+def _renumber_tokens(tree: dict[str, Any], numbers: dict[int, int]) -> None:
+    """Give every special token id the number `numbers` has for it, in place: ids past the
+    tiny vocabulary (a 150k-token model's image token) move just past `VOCAB`, so the
+    vocabulary shrinks while generated text (ids below `VOCAB`) never holds them."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _renumber_tokens(value, numbers)
+        elif _is_token_key(key) and isinstance(value, list):
+            tree[key] = [numbers.get(v, v) if isinstance(v, int) else v for v in value]
+        elif _is_token_key(key) and isinstance(value, int) and not isinstance(value, bool):
+            tree[key] = numbers.get(value, value)
+
+
+def _widths(tree: dict[str, Any]) -> set[int]:
+    """Every model width of a config dict before shrinking (values of the hidden-size keys)."""
+    found: set[int] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found |= _widths(value)
+        elif key in _HIDDEN_KEYS and isinstance(value, int) and not isinstance(value, bool) and value > HIDDEN:
+            found.add(value)
+    return found
+
+
+def _is_width_key(key: str) -> bool:
+    """A key that may hold a model width under another name (`out_hidden_size`,
+    `adapter_in_dim`, `condition_dim`, `emb_dim`): shrunk with the widths it equals."""
+    return _WIDTH_NAME.search(key) is not None and _NOT_WIDTH.search(key) is None
+
+
+def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
+    """Shrink a config dict in place, sub-configs (dicts with a model_type) included;
+    `widths` are the model widths before shrinking, which other width keys may repeat."""
     heads = tree.get("num_attention_heads", tree.get("n_head", HEADS))
     layers_before = [v for k, v in tree.items() if k in _LAYER_KEYS and isinstance(v, int) and v > LAYERS]
     for key, value in list(tree.items()):
         if isinstance(value, dict) and "model_type" in value:
-            _shrink(value, vocab)
+            _shrink(value, vocab, widths)
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             value["mrope_section"] = _split(HIDDEN // HEADS // 2, value["mrope_section"])
         elif key in ("out_features", "out_indices"):
@@ -136,6 +177,8 @@ def _shrink(tree: dict[str, Any], vocab: int) -> None:
             tree[key] = [min(v, _SMALL[key]) for v in value]
         elif isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, int) for v in value):
             tree[key] = [_LIST_KEYS[key]] * len(value)
+        elif value is None and key in ("head_dim", *_KV_KEYS) and any(k in tree for k in _HEAD_KEYS):
+            tree[key] = HIDDEN // HEADS if key == "head_dim" else HEADS  # "derive it" left to the model
         elif not isinstance(value, int) or isinstance(value, bool):
             continue
         elif key in _HIDDEN_KEYS:
@@ -152,10 +195,19 @@ def _shrink(tree: dict[str, Any], vocab: int) -> None:
             tree[key] = FFN
         elif key in _POSITION_KEYS:
             tree[key] = min(value, POSITIONS)
-        elif key == "vocab_size":
+        elif key == "vocab_size" or key.endswith("vocab_size") or key.startswith("vocab_size_"):
             tree[key] = min(value, vocab)
         elif key in _SMALL:
             tree[key] = min(value, _SMALL[key])
+        elif value in widths and _is_width_key(key):
+            tree[key] = HIDDEN
+    rope = tree.get("rope_parameters")
+    if isinstance(rope, dict) and "mrope_section" not in rope and _model_reads_mrope(tree.get("model_type")):
+        rope["mrope_section"] = _split(HIDDEN // HEADS // 2, [2, 3, 3])  # its model's default is sized for 128
+    if isinstance(tree.get("qk_rope_head_dim"), int) and "head_dim" in tree:  # MLA: RoPE runs on head_dim
+        tree["head_dim"] = tree["qk_rope_head_dim"]
+    if all(isinstance(tree.get(k), int) for k in ("qk_head_dim", "qk_rope_head_dim", "qk_nope_head_dim")):
+        tree["qk_head_dim"] = tree["qk_rope_head_dim"] + tree["qk_nope_head_dim"]
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
     for key, value in list(tree.items()):  # per-layer lists and dicts (layer_types, ...) follow the layer count
@@ -164,6 +216,19 @@ def _shrink(tree: dict[str, Any], vocab: int) -> None:
             tree[key] = (kinds + [v for v in value if v == kinds[0]])[:LAYERS]
         elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
             tree[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
+
+
+def _model_reads_mrope(model_type: Any) -> bool:
+    """Whether the modeling source of `model_type` falls back to a default multimodal-RoPE
+    section (`rope_parameters.get("mrope_section", [16, 24, 24])`) sized for a full head."""
+    if model_type not in CONFIG_MAPPING:
+        return False
+    package = CONFIG_MAPPING[model_type].__module__.rsplit(".", 1)[0]
+    try:
+        modeling = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[-1]}")
+        return '.get("mrope_section", [' in inspect.getsource(modeling)
+    except (ImportError, OSError, TypeError):
+        return False
 
 
 def _split(total: int, sections: list[int]) -> list[int]:
@@ -177,7 +242,9 @@ def tiny_config(model_type: str) -> Any:
     """The config of `model_type` with its defaults, shrunk, with the type's overrides."""
     config_class = CONFIG_MAPPING[model_type]
     tree = config_class().to_dict()
-    _shrink(tree, max([VOCAB, *(i + 1 for i in _token_ids(tree))]))
+    large = sorted({i for i in _token_ids(tree) if i >= VOCAB})
+    _renumber_tokens(tree, {old: VOCAB + rank for rank, old in enumerate(large)})
+    _shrink(tree, VOCAB + len(large), _widths(tree))
     for dotted, value in OVERRIDES.get(model_type, {}).items():
         *parents, leaf = dotted.split(".")
         node = tree
@@ -241,7 +308,13 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
         "pixel_values" in parameters and hasattr(config, "vision_config") and not placeholders
     ):
         size = _size(config, "image_size", 32)
-        inputs["pixel_values"] = torch.randn(BATCH, _size(config, "num_channels", 3), size, size)
+        frames = _size(config, "num_frames", 0)  # a video model takes (B, T, C, H, W)
+        inputs["pixel_values"] = torch.randn(
+            BATCH, *[frames][: bool(frames)], _size(config, "num_channels", 3), size, size
+        )
+    if name == "pixel_values_videos":
+        size = _size(config, "image_size", 32)
+        inputs[name] = torch.randn(BATCH, _size(config, "num_frames", 4), _size(config, "num_channels", 3), size, size)
     if name == "input_features":
         if hasattr(config, "max_source_positions") and hasattr(config, "num_mel_bins"):
             inputs[name] = torch.randn(BATCH, config.num_mel_bins, 2 * config.max_source_positions)
