@@ -281,8 +281,11 @@ def model_class(config: Any) -> type[transformers.PreTrainedModel]:
 
 
 def _size(config: Any, name: str, default: int) -> int:
-    """An int size of the config or of its vision config."""
-    for owner in (config, getattr(config, "vision_config", None)):
+    """An int size of the config, else of its vision config, else of its other sub-configs
+    (an ASR model's mel bins live in its encoder or audio config)."""
+    owners = [config, getattr(config, "vision_config", None)]
+    owners += [v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)]
+    for owner in owners:
         value = getattr(owner, name, None)
         if isinstance(value, (list, tuple)) and value:
             value = value[0]
@@ -291,12 +294,15 @@ def _size(config: Any, name: str, default: int) -> int:
     return default
 
 
-def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
-    """Generated inputs for the model's main input, plus the masks and decoder ids it takes."""
+def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
+    """Generated inputs for the model's main input, plus the masks and decoder ids it takes:
+    the recipes to try in turn (audio comes as (B, T) or (B, 1, T) samples and as (B, T, F)
+    or (B, F, T) features, which the config does not say)."""
     parameters = set(inspect.signature(type(model).forward).parameters)
     name = getattr(model, "main_input_name", "input_ids")
     text = config.get_text_config()
     inputs: dict[str, Any] = {}
+    layouts: list[dict[str, Any]] = []
     if name == "input_ids" or ("input_ids" in parameters and name not in ("pixel_values", "input_values")):
         vocab = min(_size(text, "vocab_size", VOCAB), VOCAB)
         inputs["input_ids"] = torch.randint(4, vocab, (BATCH, TEXT))
@@ -322,14 +328,17 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
             features = _size(config, "input_feat_per_channel", 0) * _size(config, "input_channels", 1)
             features = _size(config, "num_mel_bins", 0) or features or _size(config, "feature_size", 80)
             inputs[name] = torch.randn(BATCH, 64, features)
+            layouts.append({name: inputs[name].transpose(1, 2).contiguous()})
     if name == "input_values":
         inputs[name] = torch.randn(BATCH, 1600)
+        layouts.append({name: inputs[name].unsqueeze(1)})
     if not inputs:
         raise LookupError(f"no input recipe for main_input_name={name!r}")
     if config.is_encoder_decoder and "decoder_input_ids" in parameters:
         inputs["decoder_input_ids"] = torch.randint(4, min(_size(text, "vocab_size", VOCAB), VOCAB), (BATCH, TARGET))
     inputs = {k: v for k, v in inputs.items() if k in parameters}
-    return {**inputs, "use_cache": False} if "use_cache" in parameters else inputs
+    inputs = {**inputs, "use_cache": False} if "use_cache" in parameters else inputs
+    return [inputs, *({**inputs, **layout} for layout in layouts)]
 
 
 def _keys(tree: dict[str, Any]) -> list[str]:
@@ -379,6 +388,19 @@ def _run(model: nn.Module, inputs: dict[str, Any], grad: bool = False) -> torch.
         return floats(model(**inputs))
 
 
+def _first_that_runs(model: nn.Module, recipes: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The first input recipe the unpatched model runs on, with its output; else the first
+    recipe's error."""
+    first: Exception | None = None
+    for inputs in recipes:
+        try:
+            return inputs, _run(model, inputs)
+        except Exception as error:  # the next layout may be the model's
+            first = first or error
+    assert first is not None
+    raise first
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.shape == b.shape else float("inf")
 
@@ -409,8 +431,7 @@ def check(model_type: str, implementation: str, conn: Connection) -> dict[str, A
         _jitter(model)
         stage("reference")
         torch.manual_seed(1)
-        inputs = make_inputs(model, config)
-        reference = _run(model, inputs)
+        inputs, reference = _first_that_runs(model, make_inputs(model, config))
         if _diff(_run(model, inputs), reference) != 0:
             raise ValueError("two unpatched forwards differ")
     except Exception as error:  # every failure to build or run unpatched is a row
