@@ -165,6 +165,7 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
     """Shrink a config dict in place, sub-configs (dicts with a model_type) included;
     `widths` are the model widths before shrinking, which other width keys may repeat."""
     heads = tree.get("num_attention_heads", tree.get("n_head", HEADS))
+    original = dict(tree)
     layers_before = [v for k, v in tree.items() if k in _LAYER_KEYS and isinstance(v, int) and v > LAYERS]
     for key, value in list(tree.items()):
         if isinstance(value, dict) and "model_type" in value:
@@ -203,11 +204,15 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
             tree[key] = HIDDEN
     rope = tree.get("rope_parameters")
     if isinstance(rope, dict) and "mrope_section" not in rope and _model_reads_mrope(tree.get("model_type")):
-        rope["mrope_section"] = _split(HIDDEN // HEADS // 2, [2, 3, 3])  # its model's default is sized for 128
-    if isinstance(tree.get("qk_rope_head_dim"), int) and "head_dim" in tree:  # MLA: RoPE runs on head_dim
-        tree["head_dim"] = tree["qk_rope_head_dim"]
-    if all(isinstance(tree.get(k), int) for k in ("qk_head_dim", "qk_rope_head_dim", "qk_nope_head_dim")):
-        tree["qk_head_dim"] = tree["qk_rope_head_dim"] + tree["qk_nope_head_dim"]
+        partial = rope.get("partial_rotary_factor", tree.get("partial_rotary_factor")) or 1.0
+        rope["mrope_section"] = _split(int(HIDDEN // HEADS * partial) // 2, [2, 3, 3])  # the default fits 128
+    if all(isinstance(original.get(k), int) for k in ("qk_rope_head_dim", "qk_nope_head_dim")):
+        rope, nope = tree["qk_rope_head_dim"], tree["qk_nope_head_dim"]  # MLA: keep what head_dim was
+        for key in ("head_dim", "qk_head_dim"):
+            if original.get(key) == original["qk_rope_head_dim"]:
+                tree[key] = rope
+            elif original.get(key) == original["qk_rope_head_dim"] + original["qk_nope_head_dim"]:
+                tree[key] = rope + nope
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
     for key, value in list(tree.items()):  # per-layer lists and dicts (layer_types, ...) follow the layer count
@@ -298,12 +303,22 @@ def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
     """Generated inputs for the model's main input, plus the masks and decoder ids it takes:
     the recipes to try in turn (audio comes as (B, T) or (B, 1, T) samples and as (B, T, F)
     or (B, F, T) features, which the config does not say)."""
-    parameters = set(inspect.signature(type(model).forward).parameters)
+    signature = inspect.signature(type(model).forward).parameters
+    parameters = set(signature)
+    required = {k for k, v in signature.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD}
     name = getattr(model, "main_input_name", "input_ids")
+    if name not in parameters and "pixel_values" in required:  # a vision tower that kept the text default
+        name = "pixel_values"
     text = config.get_text_config()
     inputs: dict[str, Any] = {}
     layouts: list[dict[str, Any]] = []
-    if name == "input_ids" or ("input_ids" in parameters and name not in ("pixel_values", "input_values")):
+    if "qformer_input_ids" in required:
+        inputs["qformer_input_ids"] = torch.randint(4, min(_size(config, "vocab_size", VOCAB), VOCAB), (BATCH, TEXT))
+    if (
+        name == "input_ids"
+        or "input_ids" in required
+        or ("input_ids" in parameters and name not in ("pixel_values", "input_values"))
+    ):
         vocab = min(_size(text, "vocab_size", VOCAB), VOCAB)
         inputs["input_ids"] = torch.randint(4, vocab, (BATCH, TEXT))
         mask = torch.ones(BATCH, TEXT, dtype=torch.long)
