@@ -107,6 +107,7 @@ _WIDTH_NAME = re.compile(r"hidden|dim|_size$|channels|width")
 _NOT_WIDTH = re.compile(
     r"vocab|position|image|patch|kernel|window|stride|head|num_|max_|mel|codebook_size|sampl|chunk|layer"
 )
+_OUTPUTS = ("out_features", "out_indices")
 _LIST_KEYS = {"depths": 1, "num_heads": 2, "num_attention_heads": 2, "hidden_sizes": 32, "conv_dim": 32}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -161,19 +162,20 @@ def _is_width_key(key: str) -> bool:
     return _WIDTH_NAME.search(key) is not None and _NOT_WIDTH.search(key) is None
 
 
-def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
+def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = False) -> None:
     """Shrink a config dict in place, sub-configs (dicts with a model_type) included;
-    `widths` are the model widths before shrinking, which other width keys may repeat."""
+    `widths` are the model widths before shrinking, which other width keys may repeat;
+    `nested` for a sub-config (a backbone's, whose head reads one feature map per stage)."""
     heads = tree.get("num_attention_heads", tree.get("n_head", HEADS))
     original = dict(tree)
     layers_before = [v for k, v in tree.items() if k in _LAYER_KEYS and isinstance(v, int) and v > LAYERS]
     for key, value in list(tree.items()):
         if isinstance(value, dict) and "model_type" in value:
-            _shrink(value, vocab, widths)
+            _shrink(value, vocab, widths, nested=True)
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             value["mrope_section"] = _split(HIDDEN // HEADS // 2, value["mrope_section"])
-        elif key in ("out_features", "out_indices"):
-            tree[key] = None
+        elif key in _OUTPUTS:
+            continue  # below, once the layer count is known
         elif key in ("image_size", "patch_size") and isinstance(value, list) and len(value) == 2:
             tree[key] = [min(v, _SMALL[key]) for v in value]
         elif isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, int) for v in value):
@@ -202,6 +204,10 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
             tree[key] = min(value, _SMALL[key])
         elif value in widths and _is_width_key(key):
             tree[key] = HIDDEN
+    staged = (
+        nested and isinstance(tree.get("depths"), list) and any(isinstance(original.get(k), list) for k in _OUTPUTS)
+    )
+    _backbone_outputs(tree, original, staged)
     rope = tree.get("rope_parameters")
     if isinstance(rope, dict) and "mrope_section" not in rope and _model_reads_mrope(tree.get("model_type")):
         partial = rope.get("partial_rotary_factor", tree.get("partial_rotary_factor")) or 1.0
@@ -215,12 +221,33 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int]) -> None:
                 tree[key] = rope + nope
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
+    if staged and "num_layers" in tree:  # a backbone keeps its stages: its head reads one map per stage
+        tree["num_layers"] = len(tree["depths"])
     for key, value in list(tree.items()):  # per-layer lists and dicts (layer_types, ...) follow the layer count
+        if staged and (key in _LIST_KEYS or key in _OUTPUTS):
+            continue
         if isinstance(value, list) and layers_before and len(value) in layers_before:
             kinds = [v for i, v in enumerate(value) if v not in value[:i]]  # each kind of layer once, first
             tree[key] = (kinds + [v for v in value if v == kinds[0]])[:LAYERS]
         elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
             tree[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
+
+
+def _backbone_outputs(tree: dict[str, Any], original: dict[str, Any], staged: bool) -> None:
+    """Keep the number of feature maps a backbone config hands its head (a neck sized for 4
+    maps needs 4): stages (`depths`) are kept, so their names stay valid; layers are shrunk,
+    so a layer backbone (DINOv2 in Depth Anything) outputs its last layers, as many as before."""
+    outputs = [o for o in (original.get(k) for k in _OUTPUTS) if isinstance(o, list)]
+    layer_key = next((k for k in ("num_hidden_layers", "num_layers") if isinstance(tree.get(k), int)), None)
+    if not outputs or (staged and isinstance(tree.get("depths"), list)):
+        return
+    if layer_key is None or isinstance(tree.get("depths"), list):  # the config derives them again
+        tree.update(out_indices=None, out_features=None)
+        return
+    count = len(outputs[0])
+    layers = tree[layer_key] = max(tree[layer_key], count)
+    indices = list(range(layers - count + 1, layers + 1))
+    tree.update(out_indices=indices, out_features=[f"stage{i}" for i in indices])
 
 
 def _model_reads_mrope(model_type: Any) -> bool:
@@ -307,7 +334,9 @@ def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
     parameters = set(signature)
     required = {k for k, v in signature.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD}
     name = getattr(model, "main_input_name", "input_ids")
-    if name not in parameters and "pixel_values" in required:  # a vision tower that kept the text default
+    if (
+        isinstance(name, str) and name not in parameters and "pixel_values" in required
+    ):  # a vision tower that kept the text default
         name = "pixel_values"
     text = config.get_text_config()
     inputs: dict[str, Any] = {}
