@@ -433,14 +433,23 @@ def _run(model: nn.Module, inputs: dict[str, Any], grad: bool = False) -> torch.
 
 
 def _first_that_runs(model: nn.Module, recipes: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
-    """The first input recipe the unpatched model runs on, with its output; else the first
+    """The first input recipe the unpatched model runs on, with its output (and the hidden
+    states where the output is all zeros, so that it can show a change); else the first
     recipe's error."""
     first: Exception | None = None
     for inputs in recipes:
         try:
-            return inputs, _run(model, inputs)
+            output = _run(model, inputs)
         except Exception as error:  # the next layout may be the model's
             first = first or error
+            continue
+        accepted = inspect.signature(model.forward).parameters
+        if not bool(output.ne(0).any()) and (
+            "output_hidden_states" in accepted or any(v.kind is v.VAR_KEYWORD for v in accepted.values())
+        ):
+            inputs = {**inputs, "output_hidden_states": True}  # a head clamped to 0 (ReLU depth) hides the rest
+            output = _run(model, inputs)
+        return inputs, output
     assert first is not None
     raise first
 
