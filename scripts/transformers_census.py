@@ -198,7 +198,7 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
             tree[key] = FFN
         elif key in _POSITION_KEYS:
             tree[key] = min(value, POSITIONS)
-        elif key == "vocab_size" or key.endswith("vocab_size") or key.startswith("vocab_size_"):
+        elif "vocab" in key and value > vocab:  # vocab_size, entity_vocab_size, hash-group vocabularies
             tree[key] = min(value, vocab)
         elif key in _SMALL:
             tree[key] = min(value, _SMALL[key])
@@ -373,6 +373,10 @@ def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
             features = _size(config, "num_mel_bins", 0) or features or _size(config, "feature_size", 80)
             inputs[name] = torch.randn(BATCH, 64, features)
             layouts.append({name: inputs[name].transpose(1, 2).contiguous()})
+    if name == "past_values":  # time series: (B, context, channels)
+        context = _size(config, "context_length", 32)
+        inputs[name] = torch.randn(BATCH, context, _size(config, "num_input_channels", 1)).squeeze(-1)
+        layouts.append({name: inputs[name].reshape(BATCH, context, -1)})
     if name == "input_values":
         inputs[name] = torch.randn(BATCH, 1600)
         layouts.append({name: inputs[name].unsqueeze(1)})
