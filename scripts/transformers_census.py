@@ -99,7 +99,8 @@ _FFN_KEYS = {
 _POSITION_KEYS = {"max_position_embeddings", "n_positions", "max_source_positions", "max_target_positions", "n_ctx"}
 _SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "num_experts_per_token": 2,
+    "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16,
     "num_conv_pos_embeddings": 16, "image_size": 32, "patch_size": 8, "window_size": 2, "rotary_dim": 16,
 }  # fmt: skip
@@ -219,6 +220,9 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
                 tree[key] = rope
             elif original.get(key) == original["qk_rope_head_dim"] + original["qk_nope_head_dim"]:
                 tree[key] = rope + nope
+    layer_kinds = tree.get("layer_types") if isinstance(tree.get("layer_types"), list) else []
+    if tree.get("sliding_window", 0) is None and "sliding_attention" in layer_kinds:  # a window its layers need
+        tree["sliding_window"] = TEXT // 2
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
     if staged and "num_layers" in tree:  # a backbone keeps its stages: its head reads one map per stage
@@ -231,6 +235,12 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
             tree[key] = (kinds + [v for v in value if v == kinds[0]])[:LAYERS]
         elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
             tree[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
+    if isinstance(tree.get("num_kv_shared_layers"), int) and tree["num_kv_shared_layers"]:  # Gemma 3n
+        kinds = list(dict.fromkeys(layer_kinds))  # layers that reuse keys need an earlier layer of each kind
+        for key, value in list(tree.items()):  # the per-layer lists, one per layer again
+            if isinstance(value, list) and isinstance(original.get(key), list) and len(original[key]) in layers_before:
+                tree[key] = [value[0]] * (2 * len(kinds))
+        tree.update(num_hidden_layers=2 * len(kinds), num_kv_shared_layers=len(kinds), layer_types=kinds + kinds)
 
 
 def _backbone_outputs(tree: dict[str, Any], original: dict[str, Any], staged: bool) -> None:
