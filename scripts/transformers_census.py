@@ -372,6 +372,12 @@ def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
         inputs["pixel_values"] = torch.randn(
             BATCH, *[frames][: bool(frames)], _size(config, "num_channels", 3), size, size
         )
+    if "spatial_shapes" in parameters and _size(config, "num_patches", 0) > 0 and "pixel_values" in inputs:
+        side = int(_size(config, "num_patches", 16) ** 0.5)  # NaFlex (SigLIP 2): patches flattened, with their grid
+        patch, channels = _size(config, "patch_size", 8), _size(config, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(BATCH, side * side, channels * patch * patch)
+        inputs["pixel_attention_mask"] = torch.ones(BATCH, side * side, dtype=torch.long)
+        inputs["spatial_shapes"] = torch.tensor([[side, side]] * BATCH)
     if name == "pixel_values_videos":
         size = _size(config, "image_size", 32)
         inputs[name] = torch.randn(BATCH, _size(config, "num_frames", 4), _size(config, "num_channels", 3), size, size)
