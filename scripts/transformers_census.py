@@ -396,6 +396,11 @@ def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
     if name == "input_values":
         inputs[name] = torch.randn(BATCH, 1600)
         layouts.append({name: inputs[name].unsqueeze(1)})
+        if _size(config, "num_mel_bins", 0) and _size(config, "max_length", 0):  # a spectrogram (AST)
+            layouts.append({name: torch.randn(BATCH, _size(config, "max_length", 0), _size(config, "num_mel_bins", 0))})
+    if "input_ids" in parameters and "input_ids" not in inputs:  # an image model that also reads text
+        ids = torch.randint(4, min(_size(text, "vocab_size", VOCAB), VOCAB), (BATCH, TEXT))
+        layouts.append({"input_ids": ids})
     if not inputs:
         raise LookupError(f"no input recipe for main_input_name={name!r}")
     if config.is_encoder_decoder and "decoder_input_ids" in parameters:
