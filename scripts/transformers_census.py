@@ -181,6 +181,8 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
             tree[key] = [min(v, _SMALL[key]) for v in value]
         elif isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, int) for v in value):
             tree[key] = [_LIST_KEYS[key]] * len(value)
+        elif value is None and key == "vocab_size" and "hidden_size" in tree:  # left to a tokenizer (ESM)
+            tree[key] = vocab
         elif value is None and key in ("head_dim", *_KV_KEYS) and any(k in tree for k in _HEAD_KEYS):
             tree[key] = HIDDEN // HEADS if key == "head_dim" else HEADS  # "derive it" left to the model
         elif not isinstance(value, int) or isinstance(value, bool):
