@@ -96,7 +96,10 @@ _FFN_KEYS = {
     "intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
     "intermediate_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
 }  # fmt: skip
-_POSITION_KEYS = {"max_position_embeddings", "n_positions", "max_source_positions", "max_target_positions", "n_ctx"}
+_POSITION_KEYS = {
+    "max_position_embeddings", "n_positions", "max_source_positions", "max_target_positions", "n_ctx",
+    "model_max_length",
+}  # fmt: skip
 _SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "num_experts_per_token": 2,
