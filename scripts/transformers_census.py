@@ -40,6 +40,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import warnings
@@ -79,6 +80,7 @@ _HIDDEN_KEYS = {
     "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "d_embed", "hidden_dim",
     "word_embed_proj_dim", "projection_dim", "encoder_hidden_size", "vision_embed_dim", "text_embed_dim",
     "text_hidden_size", "vision_hidden_size", "mm_hidden_size", "embedding_size", "cross_attention_hidden_size",
+    "emb_dim", "d_latents",
 }  # fmt: skip
 _HEAD_KEYS = {
     "num_attention_heads", "n_head", "num_heads", "n_heads", "num_head", "attention_heads",
@@ -94,13 +96,22 @@ _FFN_KEYS = {
     "intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
     "intermediate_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
 }  # fmt: skip
-_POSITION_KEYS = {"max_position_embeddings", "n_positions", "max_source_positions", "max_target_positions", "n_ctx"}
+_POSITION_KEYS = {
+    "max_position_embeddings", "n_positions", "max_source_positions", "max_target_positions", "n_ctx",
+    "model_max_length",
+}  # fmt: skip
 _SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "num_experts_per_token": 2,
+    "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "num_conv_pos_embeddings": 16, "image_size": 32, "patch_size": 8, "window_size": 2,
+    "num_conv_pos_embeddings": 16, "image_size": 32, "patch_size": 8, "window_size": 2, "rotary_dim": 16,
 }  # fmt: skip
+_WIDTH_NAME = re.compile(r"hidden|dim|_size$|channels|width")
+_NOT_WIDTH = re.compile(
+    r"vocab|position|image|patch|kernel|window|stride|head|num_|max_|mel|codebook_size|sampl|chunk|layer"
+)
+_OUTPUTS = ("out_features", "out_indices")
 _LIST_KEYS = {"depths": 1, "num_heads": 2, "num_attention_heads": 2, "hidden_sizes": 32, "conv_dim": 32}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -115,27 +126,68 @@ def _token_ids(tree: dict[str, Any]) -> list[int]:
     for key, value in tree.items():
         if isinstance(value, dict):
             found += _token_ids(value)
-        elif str(key).endswith(("_token_id", "_token_index", "_token_ids")):
+        elif _is_token_key(key):
             values = value if isinstance(value, list) else [value]
             found += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
     return found
 
 
-def _shrink(tree: dict[str, Any], vocab: int) -> None:
-    """Shrink a config dict in place, sub-configs (dicts with a model_type) included."""
+def _is_token_key(key: Any) -> bool:
+    return str(key).endswith(("_token_id", "_token_index", "_token_ids"))
+
+
+def _renumber_tokens(tree: dict[str, Any], numbers: dict[int, int]) -> None:
+    """Give every special token id the number `numbers` has for it, in place: ids past the
+    tiny vocabulary (a 150k-token model's image token) move just past `VOCAB`, so the
+    vocabulary shrinks while generated text (ids below `VOCAB`) never holds them."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _renumber_tokens(value, numbers)
+        elif _is_token_key(key) and isinstance(value, list):
+            tree[key] = [numbers.get(v, v) if isinstance(v, int) else v for v in value]
+        elif _is_token_key(key) and isinstance(value, int) and not isinstance(value, bool):
+            tree[key] = numbers.get(value, value)
+
+
+def _widths(tree: dict[str, Any]) -> set[int]:
+    """Every model width of a config dict before shrinking (values of the hidden-size keys)."""
+    found: set[int] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found |= _widths(value)
+        elif key in _HIDDEN_KEYS and isinstance(value, int) and not isinstance(value, bool) and value > HIDDEN:
+            found.add(value)
+    return found
+
+
+def _is_width_key(key: str) -> bool:
+    """A key that may hold a model width under another name (`out_hidden_size`,
+    `adapter_in_dim`, `condition_dim`, `emb_dim`): shrunk with the widths it equals."""
+    return _WIDTH_NAME.search(key) is not None and _NOT_WIDTH.search(key) is None
+
+
+def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = False) -> None:
+    """Shrink a config dict in place, sub-configs (dicts with a model_type) included;
+    `widths` are the model widths before shrinking, which other width keys may repeat;
+    `nested` for a sub-config (a backbone's, whose head reads one feature map per stage)."""
     heads = tree.get("num_attention_heads", tree.get("n_head", HEADS))
+    original = dict(tree)
     layers_before = [v for k, v in tree.items() if k in _LAYER_KEYS and isinstance(v, int) and v > LAYERS]
     for key, value in list(tree.items()):
         if isinstance(value, dict) and "model_type" in value:
-            _shrink(value, vocab)
+            _shrink(value, vocab, widths, nested=True)
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             value["mrope_section"] = _split(HIDDEN // HEADS // 2, value["mrope_section"])
-        elif key in ("out_features", "out_indices"):
-            tree[key] = None
+        elif key in _OUTPUTS:
+            continue  # below, once the layer count is known
         elif key in ("image_size", "patch_size") and isinstance(value, list) and len(value) == 2:
             tree[key] = [min(v, _SMALL[key]) for v in value]
         elif isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, int) for v in value):
             tree[key] = [_LIST_KEYS[key]] * len(value)
+        elif value is None and key == "vocab_size" and "hidden_size" in tree:  # left to a tokenizer (ESM)
+            tree[key] = vocab
+        elif value is None and key in ("head_dim", *_KV_KEYS) and any(k in tree for k in _HEAD_KEYS):
+            tree[key] = HIDDEN // HEADS if key == "head_dim" else HEADS  # "derive it" left to the model
         elif not isinstance(value, int) or isinstance(value, bool):
             continue
         elif key in _HIDDEN_KEYS:
@@ -152,18 +204,78 @@ def _shrink(tree: dict[str, Any], vocab: int) -> None:
             tree[key] = FFN
         elif key in _POSITION_KEYS:
             tree[key] = min(value, POSITIONS)
-        elif key == "vocab_size":
+        elif "vocab" in key and value > vocab:  # vocab_size, entity_vocab_size, hash-group vocabularies
             tree[key] = min(value, vocab)
         elif key in _SMALL:
             tree[key] = min(value, _SMALL[key])
+        elif value in widths and _is_width_key(key):
+            tree[key] = HIDDEN
+    staged = (
+        nested and isinstance(tree.get("depths"), list) and any(isinstance(original.get(k), list) for k in _OUTPUTS)
+    )
+    _backbone_outputs(tree, original, staged)
+    rope = tree.get("rope_parameters")
+    if isinstance(rope, dict) and "mrope_section" not in rope and _model_reads_mrope(tree.get("model_type")):
+        partial = rope.get("partial_rotary_factor", tree.get("partial_rotary_factor")) or 1.0
+        rope["mrope_section"] = _split(int(HIDDEN // HEADS * partial) // 2, [2, 3, 3])  # the default fits 128
+    if all(isinstance(original.get(k), int) for k in ("qk_rope_head_dim", "qk_nope_head_dim")):
+        rope, nope = tree["qk_rope_head_dim"], tree["qk_nope_head_dim"]  # MLA: keep what head_dim was
+        for key in ("head_dim", "qk_head_dim"):
+            if original.get(key) == original["qk_rope_head_dim"]:
+                tree[key] = rope
+            elif original.get(key) == original["qk_rope_head_dim"] + original["qk_nope_head_dim"]:
+                tree[key] = rope + nope
+    layer_kinds = tree.get("layer_types") if isinstance(tree.get("layer_types"), list) else []
+    if tree.get("sliding_window", 0) is None and "sliding_attention" in layer_kinds:  # a window its layers need
+        tree["sliding_window"] = TEXT // 2
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
+    if staged and "num_layers" in tree:  # a backbone keeps its stages: its head reads one map per stage
+        tree["num_layers"] = len(tree["depths"])
     for key, value in list(tree.items()):  # per-layer lists and dicts (layer_types, ...) follow the layer count
+        if staged and (key in _LIST_KEYS or key in _OUTPUTS):
+            continue
         if isinstance(value, list) and layers_before and len(value) in layers_before:
             kinds = [v for i, v in enumerate(value) if v not in value[:i]]  # each kind of layer once, first
             tree[key] = (kinds + [v for v in value if v == kinds[0]])[:LAYERS]
         elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
             tree[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
+    if isinstance(tree.get("num_kv_shared_layers"), int) and tree["num_kv_shared_layers"]:  # Gemma 3n
+        kinds = list(dict.fromkeys(layer_kinds))  # layers that reuse keys need an earlier layer of each kind
+        for key, value in list(tree.items()):  # the per-layer lists, one per layer again
+            if isinstance(value, list) and isinstance(original.get(key), list) and len(original[key]) in layers_before:
+                tree[key] = [value[0]] * (2 * len(kinds))
+        tree.update(num_hidden_layers=2 * len(kinds), num_kv_shared_layers=len(kinds), layer_types=kinds + kinds)
+
+
+def _backbone_outputs(tree: dict[str, Any], original: dict[str, Any], staged: bool) -> None:
+    """Keep the number of feature maps a backbone config hands its head (a neck sized for 4
+    maps needs 4): stages (`depths`) are kept, so their names stay valid; layers are shrunk,
+    so a layer backbone (DINOv2 in Depth Anything) outputs its last layers, as many as before."""
+    outputs = [o for o in (original.get(k) for k in _OUTPUTS) if isinstance(o, list)]
+    layer_key = next((k for k in ("num_hidden_layers", "num_layers") if isinstance(tree.get(k), int)), None)
+    if not outputs or (staged and isinstance(tree.get("depths"), list)):
+        return
+    if layer_key is None or isinstance(tree.get("depths"), list):  # the config derives them again
+        tree.update(out_indices=None, out_features=None)
+        return
+    count = len(outputs[0])
+    layers = tree[layer_key] = max(tree[layer_key], count)
+    indices = list(range(layers - count + 1, layers + 1))
+    tree.update(out_indices=indices, out_features=[f"stage{i}" for i in indices])
+
+
+def _model_reads_mrope(model_type: Any) -> bool:
+    """Whether the modeling source of `model_type` falls back to a default multimodal-RoPE
+    section (`rope_parameters.get("mrope_section", [16, 24, 24])`) sized for a full head."""
+    if model_type not in CONFIG_MAPPING:
+        return False
+    package = CONFIG_MAPPING[model_type].__module__.rsplit(".", 1)[0]
+    try:
+        modeling = importlib.import_module(f"{package}.modeling_{package.rsplit('.', 1)[-1]}")
+        return '.get("mrope_section", [' in inspect.getsource(modeling)
+    except (ImportError, OSError, TypeError):
+        return False
 
 
 def _split(total: int, sections: list[int]) -> list[int]:
@@ -177,7 +289,9 @@ def tiny_config(model_type: str) -> Any:
     """The config of `model_type` with its defaults, shrunk, with the type's overrides."""
     config_class = CONFIG_MAPPING[model_type]
     tree = config_class().to_dict()
-    _shrink(tree, max([VOCAB, *(i + 1 for i in _token_ids(tree))]))
+    large = sorted({i for i in _token_ids(tree) if i >= VOCAB})
+    _renumber_tokens(tree, {old: VOCAB + rank for rank, old in enumerate(large)})
+    _shrink(tree, VOCAB + len(large), _widths(tree))
     for dotted, value in OVERRIDES.get(model_type, {}).items():
         *parents, leaf = dotted.split(".")
         node = tree
@@ -214,8 +328,11 @@ def model_class(config: Any) -> type[transformers.PreTrainedModel]:
 
 
 def _size(config: Any, name: str, default: int) -> int:
-    """An int size of the config or of its vision config."""
-    for owner in (config, getattr(config, "vision_config", None)):
+    """An int size of the config, else of its vision config, else of its other sub-configs
+    (an ASR model's mel bins live in its encoder or audio config)."""
+    owners = [config, getattr(config, "vision_config", None)]
+    owners += [v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)]
+    for owner in owners:
         value = getattr(owner, name, None)
         if isinstance(value, (list, tuple)) and value:
             value = value[0]
@@ -224,13 +341,28 @@ def _size(config: Any, name: str, default: int) -> int:
     return default
 
 
-def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
-    """Generated inputs for the model's main input, plus the masks and decoder ids it takes."""
-    parameters = set(inspect.signature(type(model).forward).parameters)
+def make_inputs(model: nn.Module, config: Any) -> list[dict[str, Any]]:
+    """Generated inputs for the model's main input, plus the masks and decoder ids it takes:
+    the recipes to try in turn (audio comes as (B, T) or (B, 1, T) samples and as (B, T, F)
+    or (B, F, T) features, which the config does not say)."""
+    signature = inspect.signature(type(model).forward).parameters
+    parameters = set(signature)
+    required = {k for k, v in signature.items() if v.default is v.empty and v.kind is v.POSITIONAL_OR_KEYWORD}
     name = getattr(model, "main_input_name", "input_ids")
+    if (
+        isinstance(name, str) and name not in parameters and "pixel_values" in required
+    ):  # a vision tower that kept the text default
+        name = "pixel_values"
     text = config.get_text_config()
     inputs: dict[str, Any] = {}
-    if name == "input_ids" or ("input_ids" in parameters and name not in ("pixel_values", "input_values")):
+    layouts: list[dict[str, Any]] = []
+    if "qformer_input_ids" in required:
+        inputs["qformer_input_ids"] = torch.randint(4, min(_size(config, "vocab_size", VOCAB), VOCAB), (BATCH, TEXT))
+    if (
+        name == "input_ids"
+        or "input_ids" in required
+        or ("input_ids" in parameters and name not in ("pixel_values", "input_values"))
+    ):
         vocab = min(_size(text, "vocab_size", VOCAB), VOCAB)
         inputs["input_ids"] = torch.randint(4, vocab, (BATCH, TEXT))
         mask = torch.ones(BATCH, TEXT, dtype=torch.long)
@@ -241,7 +373,19 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
         "pixel_values" in parameters and hasattr(config, "vision_config") and not placeholders
     ):
         size = _size(config, "image_size", 32)
-        inputs["pixel_values"] = torch.randn(BATCH, _size(config, "num_channels", 3), size, size)
+        frames = _size(config, "num_frames", 0)  # a video model takes (B, T, C, H, W)
+        inputs["pixel_values"] = torch.randn(
+            BATCH, *[frames][: bool(frames)], _size(config, "num_channels", 3), size, size
+        )
+    if "spatial_shapes" in parameters and _size(config, "num_patches", 0) > 0 and "pixel_values" in inputs:
+        side = int(_size(config, "num_patches", 16) ** 0.5)  # NaFlex (SigLIP 2): patches flattened, with their grid
+        patch, channels = _size(config, "patch_size", 8), _size(config, "num_channels", 3)
+        inputs["pixel_values"] = torch.randn(BATCH, side * side, channels * patch * patch)
+        inputs["pixel_attention_mask"] = torch.ones(BATCH, side * side, dtype=torch.long)
+        inputs["spatial_shapes"] = torch.tensor([[side, side]] * BATCH)
+    if name == "pixel_values_videos":
+        size = _size(config, "image_size", 32)
+        inputs[name] = torch.randn(BATCH, _size(config, "num_frames", 4), _size(config, "num_channels", 3), size, size)
     if name == "input_features":
         if hasattr(config, "max_source_positions") and hasattr(config, "num_mel_bins"):
             inputs[name] = torch.randn(BATCH, config.num_mel_bins, 2 * config.max_source_positions)
@@ -249,14 +393,26 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, Any]:
             features = _size(config, "input_feat_per_channel", 0) * _size(config, "input_channels", 1)
             features = _size(config, "num_mel_bins", 0) or features or _size(config, "feature_size", 80)
             inputs[name] = torch.randn(BATCH, 64, features)
+            layouts.append({name: inputs[name].transpose(1, 2).contiguous()})
+    if name == "past_values":  # time series: (B, context, channels)
+        context = _size(config, "context_length", 32)
+        inputs[name] = torch.randn(BATCH, context, _size(config, "num_input_channels", 1)).squeeze(-1)
+        layouts.append({name: inputs[name].reshape(BATCH, context, -1)})
     if name == "input_values":
         inputs[name] = torch.randn(BATCH, 1600)
+        layouts.append({name: inputs[name].unsqueeze(1)})
+        if _size(config, "num_mel_bins", 0) and _size(config, "max_length", 0):  # a spectrogram (AST)
+            layouts.append({name: torch.randn(BATCH, _size(config, "max_length", 0), _size(config, "num_mel_bins", 0))})
+    if "input_ids" in parameters and "input_ids" not in inputs:  # an image model that also reads text
+        ids = torch.randint(4, min(_size(text, "vocab_size", VOCAB), VOCAB), (BATCH, TEXT))
+        layouts.append({"input_ids": ids})
     if not inputs:
         raise LookupError(f"no input recipe for main_input_name={name!r}")
     if config.is_encoder_decoder and "decoder_input_ids" in parameters:
         inputs["decoder_input_ids"] = torch.randint(4, min(_size(text, "vocab_size", VOCAB), VOCAB), (BATCH, TARGET))
     inputs = {k: v for k, v in inputs.items() if k in parameters}
-    return {**inputs, "use_cache": False} if "use_cache" in parameters else inputs
+    inputs = {**inputs, "use_cache": False} if "use_cache" in parameters else inputs
+    return [inputs, *({**inputs, **layout} for layout in layouts)]
 
 
 def _keys(tree: dict[str, Any]) -> list[str]:
@@ -306,6 +462,28 @@ def _run(model: nn.Module, inputs: dict[str, Any], grad: bool = False) -> torch.
         return floats(model(**inputs))
 
 
+def _first_that_runs(model: nn.Module, recipes: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The first input recipe the unpatched model runs on, with its output (and the hidden
+    states where the output is all zeros, so that it can show a change); else the first
+    recipe's error."""
+    first: Exception | None = None
+    for inputs in recipes:
+        try:
+            output = _run(model, inputs)
+        except Exception as error:  # the next layout may be the model's
+            first = first or error
+            continue
+        accepted = inspect.signature(model.forward).parameters
+        if not bool(output.ne(0).any()) and (
+            "output_hidden_states" in accepted or any(v.kind is v.VAR_KEYWORD for v in accepted.values())
+        ):
+            inputs = {**inputs, "output_hidden_states": True}  # a head clamped to 0 (ReLU depth) hides the rest
+            output = _run(model, inputs)
+        return inputs, output
+    assert first is not None
+    raise first
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.shape == b.shape else float("inf")
 
@@ -336,8 +514,7 @@ def check(model_type: str, implementation: str, conn: Connection) -> dict[str, A
         _jitter(model)
         stage("reference")
         torch.manual_seed(1)
-        inputs = make_inputs(model, config)
-        reference = _run(model, inputs)
+        inputs, reference = _first_that_runs(model, make_inputs(model, config))
         if _diff(_run(model, inputs), reference) != 0:
             raise ValueError("two unpatched forwards differ")
     except Exception as error:  # every failure to build or run unpatched is a row

@@ -995,3 +995,43 @@ def test_image_models_are_bounded_by_what_they_feed_their_attention(
 
 
 _VISION: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+def test_siglip_pooling_head_is_bounded_by_the_probe() -> None:
+    """SigLIP's `nn.MultiheadAttention` pooling head (one probe query over the patches) gets
+    its bounds from what the model feeds it: exact at identity, in the path, a larger image
+    than configured refused at the call, and `remove` gives the model back."""
+    config = transformers.SiglipVisionConfig(**_VISION, image_size=32, patch_size=8, vision_use_head=True)
+    model = transformers.SiglipVisionModel(config).eval()
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model, exclude=["encoder.layers.0.self_attn"])  # the head alone
+    sites = lcaam_patch.patched_sites(model)
+    assert {(p, g.max_q_tokens, g.max_kv_tokens, g.kind) for p, _, s in sites for g in [s.geometry]} == {
+        ("head.attention", 1, 16, "cross")
+    }
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).pooler_output, reference(pixels).pooler_output)
+    generator = model.head.attention.lcaam
+    model(pixels).pooler_output.square().sum().backward()
+    gradients = [p.grad for p in generator.parameters() if p.grad is not None]
+    assert gradients and all(g.isfinite().all() for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
+    with torch.no_grad():
+        for parameter in generator.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+        assert not torch.allclose(model(pixels).pooler_output, reference(pixels).pooler_output)
+        with pytest.raises(lcaam_patch.LCAAMError, match="head.attention"):
+            model(torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
+    lcaam_patch.remove(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).pooler_output, reference(pixels).pooler_output)
+
+
+def test_a_given_bound_overrides_the_probed_pooling_head_bound() -> None:
+    """`max_tokens`/`max_kv_tokens` passed to apply take precedence over the probe."""
+    config = transformers.SiglipVisionConfig(**_VISION, image_size=32, patch_size=8, vision_use_head=True)
+    model = transformers.SiglipVisionModel(config).eval()
+    lcaam_patch.apply(model, max_tokens=25, max_kv_tokens=36)
+    head = model.head.attention
+    geometry = next(site.geometry for _, module, site in lcaam_patch.patched_sites(model) if module is head)
+    assert (geometry.max_q_tokens, geometry.max_kv_tokens) == (25, 36)

@@ -26,6 +26,7 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
     swinbert.adapter,
     llama_adapter.adapter,
     transformers.adapter,
+    transformers.pooling_head_adapter,
     sdpa.adapter,
 )
 

@@ -32,6 +32,9 @@ bounds above `MAX_INFERRED_TOKENS` (pass `max_kv_tokens` or `generator="lowrank"
 Refused at call: a model-level implementation switched after apply (`set_attn_implementation`
 is refused at once), and a lowrank generator on a KV cache filled before apply.
 
+`nn.MultiheadAttention` pooling heads inside image models (SigLIP's) are patched by
+`PoolingHeadAdapter` (pooling.py), with the bounds the shape probe sees.
+
 A lowrank generator reads the key tokens, which a KV cache does not keep: the instance
 forward keeps the layer inputs of every position of each cache it sees (beside it, freed
 with it) and hands the generator those of the cached slots.
@@ -40,11 +43,15 @@ with it) and hands the generator those of the cached slots.
 from .adapter import TransformersAdapter, adapter
 from .attention import ATTENTION_FUNCTION, lcaam_attention_function
 from .discovery import dispatches_through_interface
+from .pooling import PoolingHeadAdapter
+from .pooling import adapter as pooling_head_adapter
 
 __all__ = [
     "ATTENTION_FUNCTION",
+    "PoolingHeadAdapter",
     "TransformersAdapter",
     "adapter",
     "dispatches_through_interface",
     "lcaam_attention_function",
+    "pooling_head_adapter",
 ]

@@ -30,7 +30,7 @@ def probed_tokens(module: nn.Module, path: str, root: nn.Module) -> tuple[int, i
     if found is None:
         return None
     model, prefix = found
-    sites = [(p, m, _count) for p, m in model.named_modules() if _claimable(m)]
+    sites = [(p, m, _count_mha if type(m) is nn.MultiheadAttention else _count) for p, m in _probed(model)]
     key = tuple(id(m) for _, m, _ in sites)
     cached = _CACHE.get(model)
     if cached is None or cached[0] != key:
@@ -44,6 +44,17 @@ def probed_tokens(module: nn.Module, path: str, root: nn.Module) -> tuple[int, i
             f"tokens LCAAM's generator reads; exclude it with exclude=[{path!r}]"
         )
     return found_tokens
+
+
+def image_model_on_path(root: nn.Module, path: str) -> bool:
+    """Whether a transformers model whose input is `pixel_values` contains `path`."""
+    return _image_model(root, path) is not None
+
+
+def _probed(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose calls the probe records: the transformers attention classes and the
+    `nn.MultiheadAttention` pooling heads (SigLIP's) of the model."""
+    return [(p, m) for p, m in model.named_modules() if type(m) is nn.MultiheadAttention or _claimable(m)]
 
 
 def _claimable(module: nn.Module) -> bool:
@@ -74,6 +85,17 @@ def _count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     keys = kwargs.get("encoder_hidden_states", kwargs.get("key_value_states"))
     nq = x.shape[-2] if isinstance(x, torch.Tensor) else 0
     return nq, keys.shape[-2] if isinstance(keys, torch.Tensor) else nq
+
+
+def _count_mha(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(Nq, Nk) of one `nn.MultiheadAttention` call: its query and key lengths, on the
+    sequence axis its `batch_first` and the tensors' rank say."""
+    query = kwargs.get("query", args[0] if args else None)
+    key = kwargs.get("key", args[1] if len(args) > 1 else None)
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+        return 0, 0
+    axis = 1 if getattr(module, "batch_first", False) and query.dim() == 3 else 0
+    return query.shape[axis], key.shape[axis]
 
 
 def _inputs(model: nn.Module, site: nn.Module) -> list[InputMaker]:

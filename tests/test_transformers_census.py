@@ -1,0 +1,52 @@
+"""The census's tiny-model builder (scripts/transformers_census.py): what it shrinks must
+still build the model the config describes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def _census() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "transformers_census.py"
+    spec = importlib.util.spec_from_file_location("transformers_census", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("transformers_census", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+census = _census()
+
+
+def test_special_tokens_past_the_tiny_vocabulary_are_renumbered_and_never_generated() -> None:
+    """LLaVA's image token (32000) moves just past the tiny vocabulary, which shrinks with it,
+    and generated text never holds it (a placeholder would need an image)."""
+    config = census.tiny_config("llava")
+    text = config.get_text_config()
+    assert census.VOCAB <= config.image_token_id < text.vocab_size <= census.VOCAB + 8
+    model = census.model_class(config)._from_config(config)
+    inputs = census.make_inputs(model, config)[0]
+    assert int(inputs["input_ids"].max()) < census.VOCAB
+
+
+def test_a_backbone_keeps_as_many_feature_maps_as_its_neck_reads() -> None:
+    """Depth Anything's neck reads 4 maps: its DINOv2 backbone keeps 4 layers and outputs
+    each, instead of the default last-layer map."""
+    config = census.tiny_config("depth_anything")
+    backbone = config.backbone_config
+    assert len(backbone.out_indices) == len(config.neck_hidden_sizes) == 4
+    assert backbone.num_hidden_layers >= 4
+
+
+def test_widths_under_other_names_shrink_with_the_width_they_equal() -> None:
+    """GLM-4V's vision output width must equal its text width: both shrink together."""
+    config = census.tiny_config("glm4v")
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size == census.HIDDEN
