@@ -174,7 +174,7 @@ class LegacySelfAttentionAdapter(Adapter):
 
         context, weights = attend(generated, p, want_weights)
         if needs_verification(site, x):
-            upstream_arguments = {**arguments, cache_name: None} if cache_name else arguments
+            upstream_arguments = {**arguments, cache_name: None} if cache_name else arguments  # it was empty
             with torch.no_grad():
                 probe = AttentionCall(q, k, v, generated, fusion=site.fusion, scale=width**-0.5, attn_mask=mask)
                 attended = attended_keys(probe, site.fusion)
@@ -182,9 +182,7 @@ class LegacySelfAttentionAdapter(Adapter):
                 site,
                 cls.__name__,
                 compute=lambda m: attend(m, 0.0, False)[0],
-                reference=lambda: _upstream_context(
-                    module, {**arguments, cache_name: None} if cache_name else arguments
-                ),
+                reference=lambda: _upstream_context(module, upstream_arguments),
                 mask_shape=(q.shape[0], q.shape[-2], k.shape[-2]),
                 attended=attended,
             )
