@@ -174,3 +174,23 @@ def test_a_class_that_computes_something_else_is_refused_at_its_first_call(monke
     monkeypatch.setattr(upstream.MegatronBertSelfAttention, "forward", tempered)
     with pytest.raises(UnsupportedModuleError, match="MegatronBertSelfAttention at .*other than the upstream"):
         model(**_text_inputs())
+
+
+def test_blip_captioning_cross_attends_the_image_tokens_exactly() -> None:
+    """BLIP's text decoder cross-attends the vision tower's tokens: their number is the
+    key bound, and the cross-attention sites are exact and verified at identity."""
+    text = {**TEXT, "encoder_hidden_size": 24}
+    vision = {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = transformers.BlipConfig(
+        text_config=text, vision_config={**vision, "image_size": 32, "patch_size": 8}, projection_dim=16
+    )
+    model: Any = transformers.BlipForConditionalGeneration(config).eval()
+    reference = copy.deepcopy(model)
+    inputs = {**_image_inputs(), "input_ids": torch.randint(0, 96, (2, 7))}
+    lcaam_patch.apply(model)
+    cross = [(path, site) for path, _, site in lcaam_patch.patched_sites(model) if "crossattention" in path]
+    assert len(cross) == 2
+    assert {(site.geometry.max_kv_tokens, site.geometry.kind) for _, site in cross} == {(17, "cross")}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
+    assert all(site.verified for _, site in cross)

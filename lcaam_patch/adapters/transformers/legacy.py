@@ -12,10 +12,13 @@ the path) and raises `UnsupportedModuleError` otherwise.
 
 Not claimed: a forward whose source adds other score terms (relative positions of any
 `position_embedding_type` but "absolute", rotary embeddings, head masks, biases), or takes
-other inputs (CANINE's `from_tensor`/`to_tensor`, LUKE's entity states). Refused at call: a
-KV cache (run with `use_cache=False`). Cross-attention (key tokens from `encoder_hidden_states`)
+other inputs (CANINE's `from_tensor`/`to_tensor`, LUKE's entity states). A KV cache is
+followed for a prompt (an empty cache filled) and for an encoder-decoder cache's
+cross-attention; a self-attention after cached tokens is refused at the call (run with
+`use_cache=False`). Cross-attention (key tokens from `encoder_hidden_states`)
 is computed with the key tokens as the generator's key input; its key bound is
-`max_kv_tokens`, which the module does not know. Token bounds otherwise come from the shape
+`max_kv_tokens`, else the image tokens of the model's vision tower (BLIP's text decoder
+attends the image), else refused at apply: the module does not know it. Token bounds otherwise come from the shape
 probe of the enclosing image model, else the nearest config's `max_position_embeddings`.
 The upstream mask is BERT's extended mask (`finfo.min` where hidden): made hard by
 `finite_hard_mask`, with the upstream's uniform average on rows it hides entirely.
@@ -37,7 +40,7 @@ from ...errors import MissingBoundError, UnsupportedModuleError
 from ...site import LCAAMSite, SiteGeometry
 from ...verification import attended_keys, needs_verification, verify_first_call
 from ..base import Adapter
-from .bounds import MAX_INFERRED_TOKENS
+from .bounds import MAX_INFERRED_TOKENS, image_tokens
 from .discovery import (
     forward_parameters,
     forward_source,
@@ -66,6 +69,13 @@ def _nearest_config(module: nn.Module, path: str, root: nn.Module) -> Any:
         config = getattr(root.get_submodule(prefix), "config", None)
         found = config if is_config(config) else found
     return found
+
+
+def _image_tokens_attended(root: nn.Module) -> int | None:
+    """The tokens of one image of the model's vision tower (BLIP's text decoder cross-attends
+    them), None without one; a larger image than configured is refused at the call."""
+    vision = getattr(getattr(root, "config", None), "vision_config", None)
+    return image_tokens(vision, root) if is_config(vision) else None
 
 
 def _prefixes(path: str) -> list[str]:
@@ -112,7 +122,7 @@ class LegacySelfAttentionAdapter(Adapter):
         positions = getattr(model_config, "max_position_embeddings", None)
         q_bound = config.max_tokens or (probed[0] if probed else positions)
         if cross:
-            kv_bound = config.max_kv_tokens
+            kv_bound = config.max_kv_tokens or _image_tokens_attended(root)
         else:
             kv_bound = config.max_kv_tokens or config.max_tokens or (probed[1] if probed else positions)
         if config.generator == "mlp":
@@ -152,7 +162,7 @@ class LegacySelfAttentionAdapter(Adapter):
         v = module.value(source).view(*source.shape[:-1], -1, width).transpose(1, 2)
         cache_name = next((n for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache_name is not None:
-            k, v = _fill_empty_cache(module, site.path, arguments[cache_name], k, v, kv_tokens is not None)
+            k, v = _through_cache(module, site.path, arguments[cache_name], k, v, kv_tokens is not None)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(q.dtype)
         mask, dead_rows = masking.finite_hard_mask(attention_mask)
@@ -174,7 +184,7 @@ class LegacySelfAttentionAdapter(Adapter):
 
         context, weights = attend(generated, p, want_weights)
         if needs_verification(site, x):
-            upstream_arguments = {**arguments, cache_name: None} if cache_name else arguments  # it was empty
+            upstream_arguments = {**arguments, cache_name: None} if cache_name else arguments  # same keys
             with torch.no_grad():
                 probe = AttentionCall(q, k, v, generated, fusion=site.fusion, scale=width**-0.5, attn_mask=mask)
                 attended = attended_keys(probe, site.fusion)
@@ -208,18 +218,31 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _fill_empty_cache(
+def _through_cache(
     module: nn.Module, path: str, cache: Any, k: torch.Tensor, v: torch.Tensor, cross: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values of a self-attention call that fills an empty cache layer (the
-    prompt of a generation), put in that layer as upstream does."""
-    layers = getattr(cache, "self_attention_cache", cache)
+    """The keys and values of a call given a cache, kept in it as upstream does: a
+    self-attention that fills an empty cache layer (a prompt), or a cross-attention of an
+    `EncoderDecoderCache` (filled once, then read back). A self-attention after cached
+    tokens is refused: the generator would need their tokens, which this patch does not keep."""
     index = getattr(module, "layer_idx", None)
-    if cross or not isinstance(index, int) or layers.get_seq_length(index) > 0:
+    updated: Any = getattr(cache, "is_updated", None)
+    layers: Any = getattr(cache, "cross_attention_cache" if cross else "self_attention_cache", None if cross else cache)
+    if not isinstance(index, int) or layers is None or (cross and not isinstance(updated, dict)):
+        followed = False
+    elif cross:
+        if updated.get(index):
+            layer = layers.layers[index]
+            return layer.keys, layer.values
+        updated[index] = True
+        followed = True
+    else:
+        followed = layers.get_seq_length(index) == 0
+    if not followed:
         raise UnsupportedModuleError(
-            f"{type(module).__name__} at {path!r} was given a KV cache {'for cross-attention ' if cross else ''}"
-            f"that LCAAM's patch of this class does not follow (it fills an empty cache with a prompt's "
-            f"self-attention only); run the model with use_cache=False, or exclude it with exclude=[{path!r}]"
+            f"{type(module).__name__} at {path!r} was given a KV cache that LCAAM's patch of this class "
+            f"does not follow (it fills an empty cache with a prompt's keys, and an encoder-decoder cache's "
+            f"cross-attention keys); run the model with use_cache=False, or exclude it with exclude=[{path!r}]"
         )
     keys, values = layers.update(k, v, index)
     return keys, values
