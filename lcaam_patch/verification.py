@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .backends import NEUTRAL
+from .backends import NEUTRAL, AttentionCall, masking
 from .errors import UnsupportedModuleError
 from .site import LCAAMSite
 
@@ -107,3 +107,14 @@ def _some_query_attends_two_keys(attended: torch.Tensor | None, mask_shape: tupl
     if attended is None:
         return mask_shape[-1] >= 2
     return bool((attended.sum(dim=-1) >= 2).any())
+
+
+def attended_keys(call: AttentionCall, fusion: str) -> torch.Tensor | None:
+    """The keys each query of `call` attends where M can move the score, for
+    `verify_first_call`'s `attended`: those the upstream mask keeps and, under `mul`, not
+    where QKᵀ is 0 (keys still at zero init); None for every key."""
+    attended = masking.upstream_mask(call).full_keep()
+    if fusion == "mul":
+        moves = (call.q @ call.with_repeated_heads().k.transpose(-2, -1)) != 0
+        attended = moves if attended is None else attended & moves
+    return attended

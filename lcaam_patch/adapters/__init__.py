@@ -27,6 +27,7 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
     llama_adapter.adapter,
     transformers.adapter,
     transformers.pooling_head_adapter,
+    transformers.legacy_adapter,
     sdpa.adapter,
 )
 

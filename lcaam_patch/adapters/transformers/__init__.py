@@ -35,6 +35,10 @@ is refused at once), and a lowrank generator on a KV cache filled before apply.
 `nn.MultiheadAttention` pooling heads inside image models (SigLIP's) are patched by
 `PoolingHeadAdapter` (pooling.py), with the bounds the shape probe sees.
 
+BERT-style self-attention that older families still compute in the module's own forward,
+off the interface (MegatronBERT, RemBERT, TAPAS, VisualBERT, FLAVA, ...), is patched by
+`LegacySelfAttentionAdapter` (legacy.py), which verifies each claim at its first call.
+
 A lowrank generator reads the key tokens, which a KV cache does not keep: the instance
 forward keeps the layer inputs of every position of each cache it sees (beside it, freed
 with it) and hands the generator those of the cached slots.
@@ -43,15 +47,19 @@ with it) and hands the generator those of the cached slots.
 from .adapter import TransformersAdapter, adapter
 from .attention import ATTENTION_FUNCTION, lcaam_attention_function
 from .discovery import dispatches_through_interface
+from .legacy import LegacySelfAttentionAdapter
+from .legacy import adapter as legacy_adapter
 from .pooling import PoolingHeadAdapter
 from .pooling import adapter as pooling_head_adapter
 
 __all__ = [
     "ATTENTION_FUNCTION",
+    "LegacySelfAttentionAdapter",
     "PoolingHeadAdapter",
     "TransformersAdapter",
     "adapter",
     "dispatches_through_interface",
     "lcaam_attention_function",
+    "legacy_adapter",
     "pooling_head_adapter",
 ]

@@ -13,7 +13,7 @@ from torch import nn
 from ...backends import AttentionCall, LowRankMask, masking, run
 from ...errors import UnsupportedModuleError
 from ...site import SITE_ATTR, LCAAMSite
-from ...verification import needs_verification, verify_first_call
+from ...verification import attended_keys, needs_verification, verify_first_call
 from .calls import State
 from .discovery import forward_source
 
@@ -123,10 +123,7 @@ def lcaam_attention_function(
         upstream = upstream_attention(module, state.implementation)
         with torch.no_grad():  # nothing saved for backward: a recomputation skips the check
             probe = AttentionCall(query, key, value, mask, fusion=site.fusion, scale=scale, attn_mask=attention_mask)
-            attended = masking.upstream_mask(probe).full_keep()
-            if site.fusion == "mul":  # where QKᵀ is 0 (keys still at zero init), no M can change it
-                moves = (query @ probe.with_repeated_heads().k.transpose(-2, -1)) != 0
-                attended = moves if attended is None else attended & moves
+            attended = attended_keys(probe, site.fusion)
         verify_first_call(
             site,
             type(module).__name__,

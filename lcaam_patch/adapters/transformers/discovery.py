@@ -1,4 +1,5 @@
-"""Which transformers classes LCAAM claims: the attention interface, read from the class source."""
+"""Which transformers classes LCAAM claims: the attention interface, or BERT's eager
+self-attention written in the forward, read from the class source."""
 
 from __future__ import annotations
 
@@ -112,3 +113,68 @@ def implementation_branches(cls: type[nn.Module]) -> tuple[tuple[str, frozenset[
         else:
             found.append(("in", frozenset(re.findall(r"[\"'](\w+)[\"']", names))))
     return tuple(found)
+
+
+_LEGACY_PARAMETERS = frozenset(
+    {
+        "hidden_states",
+        "attention_mask",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "cache",
+        "past_key_values",
+        "past_key_value",
+        "output_attentions",
+        "kwargs",
+    }
+)
+"""Forward parameters this adapter reads; a class with any other is not claimed."""
+
+_REQUIRED = (
+    "torch.matmul(query_layer, key_layer.transpose(-1, -2))",
+    "/ math.sqrt(self.attention_head_size)",
+    "softmax",
+    "torch.matmul(attention_probs",
+)
+_FOREIGN = re.compile(
+    r"relative|rotary|rotate|sinusoidal|position|head_mask|bias|distance|local|conv|torch\.cat|\.std\(|scores\s*\*"
+)
+"""Score terms or outputs this adapter does not reproduce (relative positions, rotary embeddings,
+head masks, biases, ConvBERT's convolution joined to the context, ...); their presence in the
+forward means the class is not claimed."""
+
+_PAIR = re.compile(r"return\s+context_layer\s*,\s*attention_probs\s*$", re.MULTILINE)
+_OPTIONAL = re.compile(
+    r"outputs\s*=\s*\(context_layer,\s*attention_probs\)\s*if\s+output_attentions\s+else\s+\(context_layer,\)"
+    r"(?:\s*if\s+self\.is_decoder:\s*outputs\s*=\s*outputs\s*\+\s*\(cache,\))?\s*return\s+outputs\s*$"
+)
+_PLAIN = re.compile(r"return\s+context_layer\s*$")
+
+
+def return_form(cls: type) -> str | None:
+    """How `cls.forward` returns: "pair" (context, weights), "optional" ((context,) or
+    (context, weights) by `output_attentions`), "plain" (the context); None if unrecognised."""
+    source = forward_source(cls).rstrip()
+    for form, pattern in (("pair", _PAIR), ("optional", _OPTIONAL), ("plain", _PLAIN)):
+        if pattern.search(source):
+            return form
+    return None
+
+
+def is_legacy_self_attention(cls: type) -> bool:
+    """Whether `cls` is a transformers module whose forward computes BERT's eager attention
+    itself, in the shape this adapter reproduces."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("transformers.models.")):
+        return False
+    source = forward_source(cls)
+    parameters = forward_parameters(cls)
+    return (
+        len(parameters) > 1
+        and parameters[1] == "hidden_states"
+        and set(parameters[1:]) <= _LEGACY_PARAMETERS
+        and "attention_mask" in parameters
+        and all(term in source.replace("nn.Softmax", "softmax") for term in _REQUIRED)
+        and "ALL_ATTENTION_FUNCTIONS" not in source
+        and not _FOREIGN.search(source)
+        and return_form(cls) is not None
+    )

@@ -7,6 +7,12 @@ the model really feeds the head at its configured image size. The computation is
 `nn.MultiheadAttention`'s own, from the `torch_mha` adapter; a longer call than the probe
 saw (a larger image than configured) is refused at that call with `SequenceTooLongError`,
 and `max_tokens` / `max_kv_tokens` given to `apply` take precedence over the probe.
+
+It does not set `verifies_claims`: what it claims is a class, not an inference from source
+text, and what it computes is `nn.MultiheadAttention`'s own forward (the `torch_mha`
+adapter's, tested exact against it); only the bounds are inferred, and a wrong bound cannot
+make it silently wrong: a bound above what the head sees leaves generator columns unused,
+one below it is refused at the call (`SequenceTooLongError`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import UnsupportedModuleError
 from ...probe import InputMaker, image_size_pair, probe_tokens
-from .discovery import dispatches_through_interface, is_config, is_pretrained_model
+from .discovery import dispatches_through_interface, is_config, is_legacy_self_attention, is_pretrained_model
 
 _Key = tuple[int, ...]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
@@ -52,13 +52,15 @@ def image_model_on_path(root: nn.Module, path: str) -> bool:
 
 
 def _probed(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules whose calls the probe records: the transformers attention classes and the
-    `nn.MultiheadAttention` pooling heads (SigLIP's) of the model."""
+    """The modules whose calls the probe records: the transformers attention classes (on the
+    interface or BERT-style legacy ones) and the `nn.MultiheadAttention` pooling heads
+    (SigLIP's) of the model."""
     return [(p, m) for p, m in model.named_modules() if type(m) is nn.MultiheadAttention or _claimable(m)]
 
 
 def _claimable(module: nn.Module) -> bool:
-    return is_config(getattr(module, "config", None)) and dispatches_through_interface(type(module))
+    interface = is_config(getattr(module, "config", None)) and dispatches_through_interface(type(module))
+    return interface or is_legacy_self_attention(type(module))
 
 
 def _image_model(root: nn.Module, path: str) -> tuple[nn.Module, str] | None:
