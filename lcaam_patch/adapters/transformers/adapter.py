@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from ...config import LCAAMConfig
-from ...errors import MissingBoundError, UnsupportedModuleError
+from ...errors import UnsupportedModuleError
 from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
 from ...verification import needs_verification
 from ..base import Adapter, BuilderCall
 from . import builders as launcher
 from .attention import ATTENTION_FUNCTION, eager_function, register_attention_function
-from .bounds import MAX_INFERRED_TOKENS, key_width, query_width, token_bounds
+from .bounds import key_width, query_width, require_generator_bound, token_bounds
 from .calls import Call, State, cached_layer
 from .discovery import (
     config_flag,
@@ -97,20 +97,13 @@ class TransformersAdapter(Adapter):
         q_bound, kv_bound = token_bounds(module, path, root, cross)
         max_q = config.max_tokens or q_bound
         max_kv = config.max_kv_tokens or (config.max_tokens if not cross else None) or kv_bound
-        if config.generator == "mlp":
-            if max_kv is None:
-                raise MissingBoundError(
-                    f"{type(module).__name__} at {path!r}: its config gives no bound on the number of "
-                    f"key tokens (e.g. T5's relative positions); pass max_tokens=N (and, for "
-                    f"cross-attention, max_kv_tokens=M) to lcaam_patch.apply, or generator='lowrank'"
-                )
-            if config.max_kv_tokens is None and config.max_tokens is None and max_kv > MAX_INFERRED_TOKENS:
-                raise MissingBoundError(
-                    f"{type(module).__name__} at {path!r}: its config allows {max_kv} positions, so the "
-                    f"LCAAM generator would be a Linear {embed_dim}×{max_kv} per layer; pass "
-                    f"max_kv_tokens=N (the longest sequence you will run, cache included) to "
-                    f"lcaam_patch.apply, or generator='lowrank', which has no bound"
-                )
+        require_generator_bound(
+            config,
+            f"{type(module).__name__} at {path!r}",
+            max_kv,
+            embed_dim,
+            "its config gives no bound on the number of key tokens (e.g. T5's relative positions)",
+        )
         return SiteGeometry(
             embed_dim=embed_dim,
             max_q_tokens=max_q,

@@ -7,10 +7,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...config import LCAAMConfig
+from ...errors import MissingBoundError
 from .probe import probed_tokens
 
 MAX_INFERRED_TOKENS = 16384
 """Above this many positions read off a config, the generator width must be given."""
+
+
+def require_generator_bound(config: LCAAMConfig, site: str, max_kv: int | None, embed_dim: int, unbounded: str) -> None:
+    """Refuse an `mlp` generator whose key bound is unknown or, read off a config, too large
+    for a Linear `embed_dim`×bound per layer. `site` names the module ("Class at 'path'"),
+    `unbounded` says why it has no bound."""
+    if config.generator != "mlp":
+        return
+    if max_kv is None:
+        raise MissingBoundError(
+            f"{site}: {unbounded}; pass max_tokens=N (and, for cross-attention, max_kv_tokens=M) to "
+            f"lcaam_patch.apply, or generator='lowrank'"
+        )
+    if config.max_kv_tokens is None and config.max_tokens is None and max_kv > MAX_INFERRED_TOKENS:
+        raise MissingBoundError(
+            f"{site}: its config allows {max_kv} positions, so the LCAAM generator would be a Linear "
+            f"{embed_dim}×{max_kv} per layer; pass max_kv_tokens=N (the longest sequence you will run, cache "
+            f"included) to lcaam_patch.apply, or generator='lowrank', which has no bound"
+        )
 
 
 def image_tokens(config: Any, root: nn.Module) -> int | None:

@@ -39,11 +39,11 @@ from torch import nn
 
 from ...backends import AttentionCall, masking
 from ...config import LCAAMConfig
-from ...errors import MissingBoundError, UnsupportedModuleError
+from ...errors import UnsupportedModuleError
 from ...site import LCAAMSite, SiteGeometry
 from ...verification import attended_keys, needs_verification, verify_first_call
 from ..base import Adapter
-from .bounds import MAX_INFERRED_TOKENS, image_tokens
+from .bounds import image_tokens, require_generator_bound
 from .discovery import (
     forward_parameters,
     forward_source,
@@ -128,18 +128,9 @@ class LegacySelfAttentionAdapter(Adapter):
             kv_bound = config.max_kv_tokens or _image_tokens_attended(root)
         else:
             kv_bound = config.max_kv_tokens or config.max_tokens or (probed[1] if probed else positions)
-        if config.generator == "mlp":
-            if kv_bound is None:
-                raise MissingBoundError(
-                    f"{name} at {path!r} does not know how many key tokens it sees; pass max_tokens=N (and, "
-                    f"for cross-attention, max_kv_tokens=M) to lcaam_patch.apply, or generator='lowrank'"
-                )
-            if config.max_kv_tokens is None and config.max_tokens is None and kv_bound > MAX_INFERRED_TOKENS:
-                raise MissingBoundError(
-                    f"{name} at {path!r}: its config allows {kv_bound} positions, so the LCAAM generator would "
-                    f"be a Linear {query.in_features}×{kv_bound} per layer; pass max_kv_tokens=N to "
-                    f"lcaam_patch.apply, or generator='lowrank', which has no bound"
-                )
+        require_generator_bound(
+            config, f"{name} at {path!r}", kv_bound, query.in_features, "it does not know how many key tokens it sees"
+        )
         return SiteGeometry(
             embed_dim=query.in_features,
             max_q_tokens=q_bound,
