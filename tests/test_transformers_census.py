@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -50,3 +51,17 @@ def test_widths_under_other_names_shrink_with_the_width_they_equal() -> None:
     """GLM-4V's vision output width must equal its text width: both shrink together."""
     config = census.tiny_config("glm4v")
     assert config.vision_config.out_hidden_size == config.text_config.hidden_size == census.HIDDEN
+
+
+def test_hybrid_models_keep_an_attention_layer() -> None:
+    """A pattern of layer kinds shorter than the layer count (RecurrentGemma's block_types)
+    keeps each kind once, and the hybrids whose defaults have no attention layer get one:
+    a census row of a tiny hybrid must count its attention."""
+    gemma = census.tiny_config("recurrent_gemma")
+    assert gemma.num_hidden_layers == census.LAYERS and gemma.block_types == ["recurrent", "attention"]
+    for model_type in ("recurrent_gemma", "bamba", "granitemoehybrid"):
+        config = census.tiny_config(model_type)
+        with torch.device("meta"):
+            model = census.model_class(config)(config)
+        names = {type(m).__name__ for m in model.modules()}
+        assert any(name.endswith("Attention") for name in names), (model_type, names)
