@@ -242,7 +242,7 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
         kinds = [v for i, v in enumerate(value) if v not in value[:i]] if isinstance(value, list) else []
         if isinstance(value, list) and layers_before and len(value) in layers_before:
             tree[key] = (kinds + [v for v in value if v == kinds[0]])[:LAYERS]  # each kind of layer once, first
-        elif key.endswith("_types") and layers_before and 0 < len(value) < min(layers_before):
+        elif key.endswith("_types") and kinds and layers_before and len(value) < min(layers_before):
             tree[key] = kinds  # a pattern the layers repeat (RecurrentGemma's block_types): each kind once
         elif isinstance(value, dict) and "layer" in key and value and all(str(k).isdigit() for k in value):
             tree[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
