@@ -234,6 +234,8 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
         tree["sliding_window"] = TEXT // 2
     if isinstance(tree.get("mamba_d_head"), int) and isinstance(tree.get("mamba_expand"), int):  # Mamba-2 heads
         tree.update(mamba_n_heads=HEADS, mamba_d_head=tree["mamba_expand"] * HIDDEN // HEADS, mamba_n_groups=1)
+        if isinstance(tree.get("mamba_d_ssm"), int):  # Falcon-H1's inner width, which the heads split
+            tree["mamba_d_ssm"] = tree["mamba_expand"] * HIDDEN
     if staged and "num_layers" in tree:  # a backbone keeps its stages: its head reads one map per stage
         tree["num_layers"] = len(tree["depths"])
     for key, value in list(tree.items()):  # per-layer lists and dicts (layer_types, ...) follow the layer count

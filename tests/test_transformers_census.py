@@ -56,10 +56,11 @@ def test_widths_under_other_names_shrink_with_the_width_they_equal() -> None:
 def test_hybrid_models_keep_an_attention_layer() -> None:
     """A pattern of layer kinds shorter than the layer count (RecurrentGemma's block_types)
     keeps each kind once, and the hybrids whose defaults have no attention layer get one:
-    a census row of a tiny hybrid must count its attention."""
+    a census row of a tiny hybrid must count its attention (and Falcon-H1's Mamba heads must
+    still split its inner width)."""
     gemma = census.tiny_config("recurrent_gemma")
     assert gemma.num_hidden_layers == census.LAYERS and gemma.block_types == ["recurrent", "attention"]
-    for model_type in ("recurrent_gemma", "bamba", "granitemoehybrid"):
+    for model_type in ("recurrent_gemma", "bamba", "granitemoehybrid", "falcon_h1"):
         config = census.tiny_config(model_type)
         with torch.device("meta"):
             model = census.model_class(config)(config)
