@@ -120,6 +120,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2},
     "bamba": {"attn_layer_indices": [1]},  # no attention layer by default; the published checkpoints have some
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},  # likewise (all Mamba by default)
+    "dory": {"n_input_layers": 0, "n_recurrent_layers": 2, "n_output_layers": 0},  # the sections sum to the layers
 }
 """Per model type, config values set after the generic shrinking (dotted keys for sub-configs)."""
 
