@@ -121,6 +121,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},  # no attention layer by default; the published checkpoints have some
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},  # likewise (all Mamba by default)
     "dory": {"n_input_layers": 0, "n_recurrent_layers": 2, "n_output_layers": 0},  # the sections sum to the layers
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # left None by the defaults, read per layer
+    "step3p5": {"sliding_window": TEXT // 2},  # its mask builder needs a window even for full-attention layers
+    "step3p7": {"text_config.sliding_window": TEXT // 2},
 }
 """Per model type, config values set after the generic shrinking (dotted keys for sub-configs)."""
 
@@ -193,6 +196,8 @@ def _shrink(tree: dict[str, Any], vocab: int, widths: set[int], nested: bool = F
             tree[key] = vocab
         elif value is None and key in ("head_dim", *_KV_KEYS) and any(k in tree for k in _HEAD_KEYS):
             tree[key] = HIDDEN // HEADS if key == "head_dim" else HEADS  # "derive it" left to the model
+        elif value is None and key in _SMALL and any(k in tree for k in _HEAD_KEYS):
+            tree[key] = _SMALL[key]  # expert counts left unset by the defaults (DeepSeek-V2, dots.llm1)
         elif not isinstance(value, int) or isinstance(value, bool):
             continue
         elif key in _HIDDEN_KEYS:

@@ -66,3 +66,10 @@ def test_hybrid_models_keep_an_attention_layer() -> None:
             model = census.model_class(config)(config)
         names = {type(m).__name__ for m in model.modules()}
         assert any(name.endswith("Attention") for name in names), (model_type, names)
+
+
+def test_expert_counts_the_defaults_leave_unset_get_small_values() -> None:
+    """DeepSeek-V2's defaults leave `num_experts_per_tok` None (its router then fails); the
+    builder gives it the small count of the other MoE models, below the experts it routes to."""
+    config = census.tiny_config("deepseek_v2")
+    assert config.num_experts_per_tok == census._SMALL["num_experts_per_tok"] < config.n_routed_experts
