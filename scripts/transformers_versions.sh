@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The transformers adapter's tests under each transformers release the declared range claims.
-# Each release is installed into its own folder (pip --target) and put first on PYTHONPATH,
-# in front of the project's venv (torch, peft and the rest come from there).
-# usage: scripts/transformers_versions.sh [VERSION ...]   (run from the repository root)
+# The transformers adapter's tests, or the census of the zoo, under each transformers release
+# the declared range claims. Each release is installed into its own folder (pip --target) and
+# put first on PYTHONPATH, in front of the project's venv (torch, peft and the rest come from
+# there).
+# usage: scripts/transformers_versions.sh [--census] [VERSION ...]   (run from the repository root)
+#   --census: run scripts/transformers_census.py (eager and sdpa) instead of the tests; each
+#             release's rows go to census-VERSION.json, its table to census-VERSION.txt.
 set -uo pipefail
+census=0
+if [ "${1:-}" = "--census" ]; then
+    census=1
+    shift
+fi
 versions=("$@")
-[ ${#versions[@]} -gt 0 ] || versions=(4.53.3 4.57.6 5.0.0 5.24.0)
+[ ${#versions[@]} -gt 0 ] || versions=(4.53.3 4.57.6 5.0.0 5.25.0)
 python=${PYTHON:-.venv/bin/python}
 status=0
 printf '%-8s  %s\n' transformers result
@@ -16,8 +24,16 @@ for version in "${versions[@]}"; do
         status=1
         continue
     fi
-    summary=$(PYTHONPATH="$target" "$python" -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -1)
-    case "$summary" in *failed*|*error*) status=1 ;; esac
+    if [ "$census" = 1 ]; then
+        PYTHONPATH="$target" "$python" scripts/transformers_census.py --implementations eager,sdpa \
+            --workers "${WORKERS:-2}" --json "census-$version.json" > "census-$version.txt" 2>&1 || status=1
+        summary=$(grep -E '^\| (exact|total) ' "census-$version.txt" | tr -s ' ' | tr '\n' ' ')
+        broken=$(sed -n 's/^Broken rows (\([0-9]*\)).*/\1/p' "census-$version.txt")
+        summary="$summary broken rows: ${broken:-?}"
+    else
+        summary=$(PYTHONPATH="$target" "$python" -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -1)
+        case "$summary" in *failed*|*error*) status=1 ;; esac
+    fi
     printf '%-8s  %s\n' "$version" "$summary"
     rm -rf "$target" "$target.log"
 done
