@@ -1,30 +1,38 @@
-"""The BERT-style self-attention that older transformers families still write in the module's
-forward, off the attention interface (MegatronBERT, RemBERT, TAPAS, VisualBERT, FLAVA,
-BigBird's full attention, GIT's and BLIP's text layers, ...): `query`/`key`/`value` Linears,
-heads split, scores QKᵀ/√d plus the model's additive mask, softmax, dropout, times V.
+"""The attention that older transformers families still write in the module's forward, off
+the attention interface, in one of two source forms (`discovery.LEGACY_FORMS`):
 
-The claim is inferred from what the class has: those three Linears and the head attributes,
-a forward whose source computes exactly that, whose parameters are ones this adapter reads
-(`attention_mask` among them) and whose return form it recognises (the context, the context
-and the weights, or the weights when `output_attentions` asks). Because that is inferred,
-`verifies_claims` is set: each site checks itself at its first call against the class's own
-forward (exact at identity, M in the path) and raises `UnsupportedModuleError` otherwise.
+- BERT's (MegatronBERT, RemBERT, TAPAS, VisualBERT, FLAVA, BigBird's full attention, GIT's
+  and BLIP's text layers, ...): `query`/`key`/`value` Linears, heads split, scores QKᵀ/√d
+  plus the model's additive mask, softmax, dropout, times V;
+- BART's written with `torch.bmm` (XGLM, TrOCR, GroupViT, MVP): `q_proj`/`k_proj`/`v_proj`
+  Linears, queries times `scaling`, plus the (B, 1, Nq, Nk) mask, softmax, dropout, times V,
+  `out_proj`; the weights it returns are those before dropout.
+
+The claim is inferred from what the class has: its form's Linears and head attributes, a
+forward whose source computes exactly that, whose parameters are ones this adapter reads
+(`attention_mask` among them) and whose return form it recognises. Because that is
+inferred, `verifies_claims` is set: each site checks itself at its first call against the
+class's own forward (exact at identity, M in the path) and raises `UnsupportedModuleError`
+otherwise.
 
 Not claimed: a forward whose source adds other score terms or outputs (relative positions,
 rotary embeddings, head masks, biases, a convolution joined to the context), or takes other
 inputs (CANINE's `from_tensor`/`to_tensor`, LUKE's entity states, MobileViT's no mask).
+MVP's prompt keys (`PREFIX_KEY_PARAMETERS`) are refused at apply where its decoder passes
+them, and at a call given them.
 
 Bounds: the shape probe of the enclosing image model, else the nearest config's
-`max_position_embeddings`. Cross-attention (key tokens from `encoder_hidden_states`, which
-the generator reads as its key input) is bounded by `max_kv_tokens`, else by the image
-tokens of the model's vision tower (BLIP's text decoder attends the image), else refused at
+`max_position_embeddings`. Cross-attention (key tokens from `encoder_hidden_states` or
+`key_value_states`, which the generator reads as its key input) is bounded by
+`max_kv_tokens`, else by what the probe sees, else by the image tokens of the model's vision
+tower or image encoder, else by an encoder-decoder's source positions, else refused at
 apply: the module does not know it.
 
 A KV cache is followed for a prompt (an empty cache filled) and for an encoder-decoder
 cache's cross-attention; a self-attention after cached tokens is refused at the call (run
-with `use_cache=False`). The upstream mask is BERT's extended mask (`finfo.min` where
-hidden): made hard by `finite_hard_mask`, with the upstream's uniform average on rows it
-hides entirely (`uniform_dead_rows`).
+with `use_cache=False`). The upstream mask is additive with `finfo.min` where hidden: made
+hard by `finite_hard_mask`, with the upstream's uniform average on rows it hides entirely
+(`uniform_dead_rows`).
 """
 
 from __future__ import annotations
