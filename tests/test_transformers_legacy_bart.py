@@ -293,3 +293,26 @@ def test_fsmt_is_not_claimed() -> None:
     )
     with pytest.raises(NoAttentionFoundError):
         lcaam_patch.apply(transformers.FSMTModel(config))
+
+
+def test_trocr_under_a_vit_cross_attends_the_image_tokens_exactly() -> None:
+    """In a `VisionEncoderDecoderModel`, TrOCR's cross-attention is bounded by the ViT
+    encoder's tokens (16 patches + the class token) and exact at identity."""
+    encoder = transformers.ViTConfig(
+        hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=32, patch_size=8
+    )
+    decoder = transformers.TrOCRConfig(
+        **BART, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, cross_attention_hidden_size=24
+    )
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    model: Any = _jittered(transformers.VisionEncoderDecoderModel(config)).eval()
+    reference = copy.deepcopy(model)
+    inputs = {**_image(), "decoder_input_ids": torch.randint(4, 96, (2, 5))}
+    lcaam_patch.apply(model)
+    cross = [site for path, _, site in lcaam_patch.patched_sites(model) if path.endswith("encoder_attn")]
+    assert [(site.adapter.name, site.geometry.kind, site.geometry.max_kv_tokens) for site in cross] == [
+        ("transformers_legacy", "cross", 17)
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
+    assert cross[0].verified
