@@ -316,3 +316,18 @@ def test_trocr_under_a_vit_cross_attends_the_image_tokens_exactly() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
     assert cross[0].verified
+
+
+def test_weights_asked_for_are_upstream_s() -> None:
+    """MVP returns its weights only when `output_attentions` asks: then they are the
+    upstream's, for the encoder's, the decoder's and the cross-attention."""
+    model: Any = _jittered(_mvp()).eval()
+    reference = copy.deepcopy(model)
+    inputs = _encoder_decoder_text()
+    lcaam_patch.apply(model)
+    with torch.no_grad():
+        ours = model(**inputs, output_attentions=True)
+        theirs = reference(**inputs, output_attentions=True)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert len(getattr(ours, name)) == 1
+        torch.testing.assert_close(getattr(ours, name)[0], getattr(theirs, name)[0], atol=1e-5, rtol=1e-5)
