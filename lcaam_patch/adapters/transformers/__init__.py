@@ -35,8 +35,9 @@ is refused at once), and a lowrank generator on a KV cache filled before apply.
 `nn.MultiheadAttention` pooling heads inside image models (SigLIP's) are patched by
 `PoolingHeadAdapter` (pooling.py), with the bounds the shape probe sees.
 
-BERT-style self-attention that older families still compute in the module's own forward,
-off the interface (MegatronBERT, RemBERT, TAPAS, VisualBERT, FLAVA, ...), is patched by
+Attention that older families still compute in the module's own forward, off the
+interface, in BERT's shape (MegatronBERT, RemBERT, TAPAS, VisualBERT, FLAVA, ...) or BART's
+written with `torch.bmm` (XGLM, TrOCR, GroupViT, MVP), is patched by
 `LegacySelfAttentionAdapter` (legacy.py), which verifies each claim at its first call.
 
 A lowrank generator reads the key tokens, which a KV cache does not keep: the instance

@@ -14,7 +14,13 @@ from torch import nn
 
 from ...errors import UnsupportedModuleError
 from ...probe import InputMaker, image_size_pair, probe_tokens
-from .discovery import dispatches_through_interface, is_config, is_legacy_self_attention, is_pretrained_model
+from .discovery import (
+    dispatches_through_interface,
+    forward_parameters,
+    is_config,
+    is_legacy_self_attention,
+    is_pretrained_model,
+)
 
 _Key = tuple[int, ...]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
@@ -64,11 +70,13 @@ def _claimable(module: nn.Module) -> bool:
 
 
 def _image_model(root: nn.Module, path: str) -> tuple[nn.Module, str] | None:
-    """The outermost transformers model on `path` whose input is `pixel_values`."""
+    """The outermost transformers model on `path` whose input is `pixel_values`: a
+    `PreTrainedModel` whose main input it is, or a module with a config whose forward takes it
+    first (the vision tower of a dual model: GroupViT's `GroupViTVisionTransformer`)."""
     module = root
     parts = path.split(".") if path else []
     for i in range(len(parts) + 1):
-        if is_pretrained_model(module) and getattr(module, "main_input_name", None) == "pixel_values":
+        if _takes_pixels(module):
             prefix = ".".join(parts[:i])
             return module, f"{prefix}." if prefix else ""
         if i < len(parts):
@@ -77,6 +85,12 @@ def _image_model(root: nn.Module, path: str) -> tuple[nn.Module, str] | None:
                 return None
             module = child
     return None
+
+
+def _takes_pixels(module: nn.Module) -> bool:
+    if is_pretrained_model(module):
+        return getattr(module, "main_input_name", None) == "pixel_values"
+    return is_config(getattr(module, "config", None)) and forward_parameters(type(module))[1:2] == ("pixel_values",)
 
 
 def _count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
