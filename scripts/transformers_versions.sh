@@ -25,13 +25,13 @@ for version in "${versions[@]}"; do
         continue
     fi
     if [ "$census" = 1 ]; then
-        PYTHONPATH="$target" "$python" scripts/transformers_census.py --implementations eager,sdpa \
+        PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$python" scripts/transformers_census.py --implementations eager,sdpa \
             --workers "${WORKERS:-2}" --json "census-$version.json" > "census-$version.txt" 2>&1 || status=1
         summary=$(grep -E '^\| (exact|total) ' "census-$version.txt" | tr -s ' ' | tr '\n' ' ')
         broken=$(sed -n 's/^Broken rows (\([0-9]*\)).*/\1/p' "census-$version.txt")
         summary="$summary broken rows: ${broken:-?}"
     else
-        summary=$(PYTHONPATH="$target" "$python" -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -1)
+        summary=$(PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -1)
         case "$summary" in *failed*|*error*) status=1 ;; esac
     fi
     printf '%-8s  %s\n' "$version" "$summary"
