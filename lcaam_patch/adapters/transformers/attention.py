@@ -72,27 +72,31 @@ def lcaam_attention_function(
         causal = bool(wanted) and num_queries > 1
     attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
     kv_tokens, key_factor = call.kv_tokens, call.key_factor
+    per_key = kv_tokens if kv_tokens is not None else key_factor  # one row per key token
     offset = call.key_offset(num_keys)
-    if kv_tokens is not None and call.offset is None:  # the last keys of a layer that reuses another's
-        kv_tokens = kv_tokens[:, offset:]
-        key_factor = None if key_factor is None else key_factor[:, offset:]
-    if kv_tokens is not None and kv_tokens.shape[-2] != num_keys:
-        if kv_tokens.shape[-2] > num_keys:
+    if per_key is not None:
+        if call.offset is None:  # the last keys of a layer that reuses another's
+            per_key = per_key[:, offset:]
+        if per_key.shape[-2] > num_keys:
             raise UnsupportedModuleError(
-                f"{site.path!r} got {num_keys} keys for {kv_tokens.shape[-2]} key tokens; a KV cache "
+                f"{site.path!r} got {num_keys} keys for {per_key.shape[-2]} key tokens; a KV cache "
                 f"LCAAM cannot follow (e.g. cropped): start from an empty cache"
             )
-        # a static cache's slots after the filled ones: hard-masked, so their M never counts
-        kv_tokens = torch.nn.functional.pad(kv_tokens, (0, 0, 0, num_keys - kv_tokens.shape[-2]))
-        key_factor = None
-    mask = site.mask(module, call.x, (0 if kv_tokens is not None else offset) + num_keys, kv_tokens, key_factor)
-    if isinstance(mask, LowRankMask) and kv_tokens is None and (call.from_cache or num_keys != call.x.shape[-2]):
+        if per_key.shape[-2] < num_keys:
+            # a static cache's slots after the filled ones: hard-masked, so their M never counts
+            per_key = torch.nn.functional.pad(per_key, (0, 0, 0, num_keys - per_key.shape[-2]))
+        if kv_tokens is not None:
+            kv_tokens = per_key
+        else:
+            key_factor = per_key
+    mask = site.mask(module, call.x, (0 if per_key is not None else offset) + num_keys, kv_tokens, key_factor)
+    if isinstance(mask, LowRankMask) and per_key is None and (call.from_cache or num_keys != call.x.shape[-2]):
         raise UnsupportedModuleError(
             f"{site.path!r}: generator='lowrank' reads the key tokens, but these keys come from a "
             f"KV cache LCAAM cannot follow ({type(module).__name__} gave no cache layers); run "
             f"without a cache (use_cache=False) or use generator='mlp'"
         )
-    if offset and kv_tokens is None:
+    if offset and per_key is None:
         assert isinstance(mask, torch.Tensor)
         mask = mask[..., offset:]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -33,7 +33,8 @@ class Call:
     positions: int = 0
     attended: bool = False
     key_factor: torch.Tensor | None = None
-    """The lowrank generator's key factor of `kv_tokens`, row for row, when the stash kept it."""
+    """Instead of `kv_tokens` (then None), the lowrank generator's key factor B of those
+    tokens, row for row, where the stash keeps B per position."""
 
     def key_offset(self, num_keys: int) -> int:
         """The absolute position of key slot 0 of a call with `num_keys` keys."""
@@ -58,79 +59,74 @@ class CachedLayer:
 
 class KeySlot:
     """The layer inputs of the positions of one KV-cache layer, in order, and the lowrank
-    generator's key factor of each, computed once per position.
+    generator's key factor B of each.
 
-    Inside autograd (or a `torch.compile` trace) each call concatenates: the tokens are a
-    new tensor per call and no key factor is kept, so gradients and graphs are the
-    generator's own. Outside it, the tokens and the factors grow in buffers that are only
-    ever appended to (a rewound or reshaped cache gets new ones), so a view handed out by
-    an earlier call never changes; the factors are recomputed over every kept token when
-    the generator's key weights changed since (a parameter replaced or its `_version`
-    moved, as an optimizer step does).
+    Nothing here is written in place: the inputs are kept as the pieces the calls brought
+    (joined when read, and every `_MAX_PIECES` calls), and B grows by concatenation, so what
+    an earlier call was handed never changes. Outside autograd and `torch.compile`, B's rows
+    are computed once per position and kept while the generator's key weights stay the same
+    objects at the same `_version` (an optimizer step or a load moves it); else B is
+    recomputed over every kept input. Inside autograd the inputs are joined per call and B
+    is the generator's own, so gradients are exact.
     """
 
     def __init__(self) -> None:
-        self.tokens: torch.Tensor | None = None
+        self.pieces: list[torch.Tensor] = []
         self.count = 0
-        self.owned = False
         self.factors: torch.Tensor | None = None
-        self.factor_count = 0
         self.weights: tuple[torch.Tensor, ...] = ()
         self.state: tuple[int, ...] = ()
 
-    def keep(self, tokens: torch.Tensor) -> None:
-        """Keep `tokens` (every position so far) as they are, forgetting the factors."""
-        self.tokens, self.count, self.owned = tokens, tokens.shape[-2], False
-        self.factors, self.factor_count = None, 0
+    @property
+    def batch(self) -> int | None:
+        """The batch size of the kept inputs (None before the first)."""
+        return self.pieces[0].shape[0] if self.pieces else None
 
-    def append(self, x: torch.Tensor, past: int) -> torch.Tensor:
-        """The buffer holding the kept tokens of positions `0...past` followed by `x`."""
-        end = past + x.shape[-2]
-        buffer = self.tokens
-        if not (self.owned and buffer is not None and past == self.count and _fits(buffer, x, end)):
-            grown = x.new_empty((x.shape[0], end + max(64, end // 4), x.shape[-1]))  # room for more steps
-            if past:
-                assert buffer is not None
-                grown[:, :past].copy_(buffer[:, :past])
-            buffer, self.owned = grown, True
-            self.factors, self.factor_count = None, 0
-        buffer[:, past:end].copy_(x)
-        self.tokens, self.count = buffer, end
-        return buffer
+    def kept(self, past: int) -> torch.Tensor | None:
+        """The inputs of positions `0...past`, as one tensor (None for none)."""
+        if not past:
+            self.pieces, self.count = [], 0
+            return None
+        if len(self.pieces) > 1 or self.count != past:
+            joined = self.pieces[0] if len(self.pieces) == 1 else torch.cat(self.pieces, dim=-2)
+            self.pieces, self.count = [joined[:, :past]], past
+        return self.pieces[0]
+
+    def concatenate(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        """The inputs of positions `0...past` followed by `x`, as one new tensor, kept as
+        such; B is forgotten (autograd or `torch.compile`: nothing kept across calls)."""
+        kept = self.kept(past)
+        tokens = x if kept is None else torch.cat([kept, x], dim=-2)
+        self.pieces, self.count, self.factors = [tokens], tokens.shape[-2], None
+        return tokens
 
     def key_factor(self, generator: LowRankGenerator, x: torch.Tensor, past: int) -> torch.Tensor:
-        """The buffer holding B = F_B(tokens) of positions `0...past` followed by `x`, the last
-        ones `append`ed (kept rows reused while the key weights are unchanged)."""
-        assert self.tokens is not None
-        end = past + x.shape[-2]
-        weights = generator.key_weights()
-        # the kept `weights` hold the tensors alive, so an id here is never a reused one
-        state = tuple([value for w in weights for value in (id(w), w._version)])
+        """B of positions `0...past` followed by `x`, whose inputs it keeps; the kept rows are
+        reused while the key weights are unchanged."""
         factors = self.factors
-        if factors is not None and self.factor_count == past and state == self.state:
+        if self.count > past:
+            self.kept(past)
+            factors = None if factors is None else factors[:, :past]
+        self.pieces.append(x)
+        self.count = past + x.shape[-2]
+        if len(self.pieces) > _MAX_PIECES:
+            self.kept(self.count)
+        weights = generator.key_weights()
+        # the kept `weights` hold those tensors alive, so an id here is never a reused one
+        state = tuple([value for w in weights for value in (id(w), w._version)])
+        if factors is not None and state == self.state and factors.shape[-2] == past:
             new = generator.key_factor(x)
-            if _fits(factors, new, end):
-                factors[:, past:end].copy_(new)
-                self.factor_count = end
-                return factors
-        computed = generator.key_factor(self.tokens[:, :end])
-        factors = computed.new_empty((computed.shape[0], self.tokens.shape[-2], computed.shape[-1]))
-        factors[:, :end].copy_(computed)
-        self.factors, self.factor_count, self.weights, self.state = factors, end, weights, state
-        return factors
+            if new.dtype == factors.dtype:
+                self.factors = torch.cat([factors, new], dim=-2)
+                return self.factors
+        kept = self.kept(self.count)
+        assert kept is not None
+        self.factors, self.weights, self.state = generator.key_factor(kept), weights, state
+        return self.factors
 
 
-def _fits(buffer: torch.Tensor, rows: torch.Tensor, end: int) -> bool:
-    """Whether `rows` can be written into `buffer` up to row `end` (same batch, width, dtype,
-    device, and in inference mode exactly when the buffer is an inference tensor)."""
-    return (
-        buffer.shape[-2] >= end
-        and buffer.shape[0] == rows.shape[0]
-        and buffer.shape[-1] == rows.shape[-1]
-        and buffer.dtype == rows.dtype
-        and buffer.device == rows.device
-        and buffer.is_inference() == torch.is_inference_mode_enabled()
-    )
+_MAX_PIECES = 64
+"""Kept inputs are joined into one tensor once a slot holds more pieces than this."""
 
 
 class Stash:
@@ -143,10 +139,11 @@ class Stash:
 
     def key_tokens(
         self, layer: CachedLayer, x: torch.Tensor, path: str, generator: LowRankGenerator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer inputs of positions `layer.offset...` (all of them for a layer that reuses
-        another layer's keys): the kept ones, then `x`; and, given the lowrank `generator`
-        and outside autograd, their key factor B (else None)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the positions `layer.offset...` (all of them for a layer that reuses another
+        layer's keys), the kept layer inputs then `x`, or, given the lowrank `generator` and
+        outside autograd and `torch.compile`, their key factor B instead: (tokens, None) or
+        (None, B)."""
         per_layer = self._slots.get(layer.cache)
         if per_layer is None:
             per_layer = self._slots[layer.cache] = {}
@@ -160,22 +157,17 @@ class Stash:
             )
         if slot is None:
             slot = per_layer[layer.index] = KeySlot()
-        elif layer.past and slot.tokens is not None and slot.tokens.shape[0] != x.shape[0]:
+        elif layer.past and slot.batch != x.shape[0]:
             raise UnsupportedModuleError(
                 f"{path!r}: generator='lowrank' reads the key tokens, but the KV cache's batch changed "
-                f"from {slot.tokens.shape[0]} to {x.shape[0]} (reordered or expanded), which LCAAM "
-                f"cannot follow; start from an empty cache, or use generator='mlp'"
+                f"from {slot.batch} to {x.shape[0]} (reordered or expanded), which LCAAM cannot "
+                f"follow; start from an empty cache, or use generator='mlp'"
             )
-        start, end = layer.offset or 0, layer.past + x.shape[-2]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            kept = slot.tokens
-            tokens = x if kept is None or not layer.past else torch.cat([kept[:, : layer.past], x], dim=-2)
-            slot.keep(tokens)
-            return tokens[:, start:], None
-        tokens = slot.append(x, layer.past)
-        if generator is None:
-            return tokens[:, start:end], None
-        return tokens[:, start:end], slot.key_factor(generator, x, layer.past)[:, start:end]
+        start = layer.offset or 0
+        if generator is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return slot.concatenate(x, layer.past)[:, start:], None
+        factors = slot.key_factor(generator, x, layer.past)
+        return None, factors[:, start:] if start else factors
 
     @property
     def calls(self) -> list[Call]:
