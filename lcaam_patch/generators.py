@@ -100,6 +100,15 @@ def _run_hidden(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _run_last(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """The whole stack: ReLU after each layer but the last (whose weights are read directly,
+    as `MaskGenerator` reads its sliced ones)."""
+    layers = _linears(stack)
+    for layer in layers[:-1]:
+        x = F.relu(layer(x))
+    return F.linear(x, layers[-1].weight, layers[-1].bias)
+
+
 def _he_init_hidden(stack: nn.ModuleList) -> None:
     """He (Kaiming) init for the layers followed by ReLU, biases at 0.
 
@@ -264,9 +273,21 @@ class LowRankGenerator(nn.Module):
     ) -> LowRankMask:
         """The factors of M for query tokens `x` and key tokens `kv_tokens` (default: `x`,
         self-attention); `num_kv_tokens` needs no bound here."""
-        kv = x if kv_tokens is None else kv_tokens
-        query, key = _linears(self.query)[-1], _linears(self.key)[-1]
-        return LowRankMask(query(_run_hidden(self.query, x)), key(_run_hidden(self.key, kv)))
+        return LowRankMask(self.query_factor(x), self.key_factor(x if kv_tokens is None else kv_tokens))
+
+    def query_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """A = F_A(x) (B, Nq, R) of query tokens `x` (B, Nq, D)."""
+        return _run_last(self.query, x)
+
+    def key_factor(self, kv_tokens: torch.Tensor) -> torch.Tensor:
+        """B = F_B(kv_tokens) (B, Nk, R) of key tokens (B, Nk, Dk), one row per token: the rows
+        of tokens seen before may be kept while `key_weights` are unchanged."""
+        return _run_last(self.key, kv_tokens)
+
+    def key_weights(self) -> tuple[torch.Tensor, ...]:
+        """The parameters `key_factor` reads: a kept key factor is stale once one of them is
+        replaced or changed in place (its `_version` moves)."""
+        return tuple(p for layer in _linears(self.key) for p in (layer.weight, layer.bias) if p is not None)
 
     def describe(self) -> str:
         """ "lowrank r=R, 2×DEPTH×Linear"."""

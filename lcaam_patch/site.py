@@ -155,12 +155,18 @@ class LCAAMSite:
         return self.stack is None or self.stack.leader == self.path
 
     def mask(
-        self, module: nn.Module, x: torch.Tensor, num_kv_tokens: int, kv_tokens: torch.Tensor | None = None
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        num_kv_tokens: int,
+        kv_tokens: torch.Tensor | None = None,
+        key_factor: torch.Tensor | None = None,
     ) -> torch.Tensor | LowRankMask:
         """M (B, Nq, Nk) for query tokens `x` (B, Nq, D) and key tokens `kv_tokens`.
 
         A "lowrank" generator reads the key tokens (default: `x`, self-attention) and
-        returns the factors of M as a `LowRankMask`.
+        returns the factors of M as a `LowRankMask`; `key_factor`, when given, is its
+        `key_factor(kv_tokens)` computed before (kept per KV-cache position).
         """
         if self.stack is not None and _in_backward():
             raise GlobalModeError(
@@ -170,7 +176,10 @@ class LCAAMSite:
             )
         if self.owns_generator:
             generator: LCAAMGenerator = getattr(module, GENERATOR_NAME)
-            mask = generator(x, num_kv_tokens, kv_tokens)
+            if key_factor is not None and isinstance(generator, LowRankGenerator):
+                mask: torch.Tensor | LowRankMask = LowRankMask(generator.query_factor(x), key_factor)
+            else:
+                mask = generator(x, num_kv_tokens, kv_tokens)
             if self.stack is not None:
                 self.stack.mask = mask
             return mask

@@ -719,6 +719,81 @@ def test_lowrank_refuses_a_cache_filled_before_apply() -> None:
         model(ids[:, -1:], past_key_values=past)
 
 
+@pytest.mark.skipif(not CACHE_HAS_LAYERS, reason="the lowrank generator follows only caches with layers")
+def test_lowrank_key_factors_kept_per_cache_position_follow_an_optimizer_step() -> None:
+    """Outside autograd the key factor of each cached position is computed once and kept; an
+    optimizer step on the generators between two calls on the same cache makes them stale, and
+    the next step then equals the forward over every token without a cache (one layer, whose
+    cached keys and inputs the step leaves as they are)."""
+    model = _llama(num_hidden_layers=1)
+    lcaam_patch.apply(model, generator="lowrank", rank=2)
+    _perturb(model, 0.3)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        cache = model(ids[:, 6:7], past_key_values=cache, use_cache=True).past_key_values
+        before = model(ids).logits[:, -2:]
+    generators = [p for name, p in model.named_parameters() if lcaam_patch.is_lcaam_key(name)]
+    optimizer = torch.optim.Adam(generators, lr=0.5)
+    model(ids).logits.square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = model(ids).logits[:, -2:]
+        stepped = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+    assert (expected - before).abs().max() > 1e-3
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_weights_are_computed_only_when_something_reads_them() -> None:
+    """Under the eager implementation a decode step computes no attention weights that
+    nothing records (LCAAM then runs fused SDPA); asked for with output_attentions, or seen
+    by a forward hook, they are computed and equal the upstream's."""
+    model = _llama(attn_implementation="eager")
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model)
+    sites = [site for _, _, site in lcaam_patch.patched_sites(model)]
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        cached = copy.deepcopy(cache)
+        model(ids[:, 6:], past_key_values=cache, use_cache=True)
+        assert {site.last_backend for site in sites} == {"sdpa"}
+        ours = model(ids[:, 6:], past_key_values=copy.deepcopy(cached), output_attentions=True).attentions
+        assert {site.last_backend for site in sites} == {"eager"}
+        upstream_cache = reference(ids[:, :6], use_cache=True).past_key_values
+        theirs = reference(ids[:, 6:], past_key_values=upstream_cache, output_attentions=True).attentions
+        for mine, upstream in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(mine, upstream)
+        seen: list[Any] = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+        model(ids[:, 6:], past_key_values=copy.deepcopy(cached))
+    assert sites[0].last_backend == "eager" and sites[1].last_backend == "sdpa"
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(seen[0], theirs[0])
+
+
+def test_an_upstream_mask_changed_in_place_between_layers_is_read_again() -> None:
+    """The upstream mask a model hands every layer is read once per forward, unless it
+    changed in place in between (its version): a hook hides key 1 from layer 1 on."""
+    model = _llama(attn_implementation="eager")
+    reference = copy.deepcopy(model)
+    lcaam_patch.apply(model)
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        unhooked = reference(ids).logits
+        for each in (model, reference):
+            each.model.layers[1].self_attn.register_forward_pre_hook(_hide_key_one, with_kwargs=True)
+        expected = reference(ids).logits
+        assert (expected - unhooked).abs().max() > 1e-3
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _hide_key_one(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dtype != torch.bool:
+        mask[..., 1:, 1] = torch.finfo(mask.dtype).min
+
+
 def _lora(**options: Any) -> Any:
     peft = pytest.importorskip("peft")
     return peft.LoraConfig(r=4, lora_alpha=8, **options)

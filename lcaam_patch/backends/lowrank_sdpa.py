@@ -34,8 +34,9 @@ def widen(
     q: torch.Tensor, k: torch.Tensor, mask: LowRankMask, *, fusion: str, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q', k' whose scaled dot products are the fused scores (S ◇ A·Bᵀ)."""
-    a = mask.a.to(q.dtype).unsqueeze(1)
-    b = mask.b.to(k.dtype).unsqueeze(1)
+    a, b = mask.a, mask.b
+    a = (a if a.dtype == q.dtype else a.to(q.dtype)).unsqueeze(1)
+    b = (b if b.dtype == k.dtype else b.to(k.dtype)).unsqueeze(1)
     if fusion == "mul":
         if a.shape[-1] == 1:  # rank 1: the heads keep their width, scaled per token
             return q * a, k * b
@@ -89,5 +90,7 @@ class LowRankSDPABackend:
                 is_causal=only_causal,
                 scale=call.scale,
                 **grouped(call),
-            )[..., :value_dim]
+            )
+        if out.shape[-1] != value_dim:
+            out = out[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None

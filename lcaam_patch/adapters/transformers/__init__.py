@@ -42,7 +42,11 @@ written with `torch.bmm` (XGLM, TrOCR, GroupViT, MVP), is patched by
 
 A lowrank generator reads the key tokens, which a KV cache does not keep: the instance
 forward keeps the layer inputs of every position of each cache it sees (beside it, freed
-with it) and hands the generator those of the cached slots.
+with it) and hands the generator those of the cached slots, or, outside autograd, the key
+factors it kept for them (`calls.KeySlot`, recomputed when the key weights change).
+
+Under `eager`, the attention weights are computed only when something may read them
+(`attention.weights_wanted`); under `sdpa`, never, as upstream.
 """
 
 from .adapter import TransformersAdapter, adapter

@@ -13,6 +13,7 @@ from torch import nn
 
 from ...config import LCAAMConfig
 from ...errors import UnsupportedModuleError
+from ...generators import LowRankGenerator
 from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
 from ...verification import needs_verification
 from ..base import Adapter, BuilderCall
@@ -115,14 +116,19 @@ class TransformersAdapter(Adapter):
     def prepare(self, module: nn.Module, root: nn.Module) -> State:
         """Give `module` its own config copy that dispatches to LCAAM's attention function."""
         register_attention_function()
-        state = State(module.config, model_implementation(module), root)
-        own: Any = copy.copy(module.config)
+        original: Any = module.config
+        state = State(original, model_implementation(module), root)
+        state.implementation_internal = vars(original).get("_attn_implementation_internal")
+        own: Any = copy.copy(original)
         own._attn_implementation_internal = ATTENTION_FUNCTION
         module.config = own
+        models = []
         for model in root.modules():
-            switchable = hasattr(type(model), SWITCH)  # transformers < 4.54 has no such method
-            if switchable and is_pretrained_model(model) and not is_guard(vars(model).get(SWITCH)):
-                setattr(model, SWITCH, functools.partial(refuse_switch, model))
+            if is_pretrained_model(model):
+                models.append(model)
+                if hasattr(type(model), SWITCH) and not is_guard(vars(model).get(SWITCH)):  # not in < 4.54
+                    setattr(model, SWITCH, functools.partial(refuse_switch, model))
+        state.weights_optional = bool(models) and all(getattr(m, "_supports_sdpa", False) is True for m in models)
         return state
 
     def restore(self, module: nn.Module, state: State) -> None:
@@ -134,39 +140,43 @@ class TransformersAdapter(Adapter):
                     delattr(model, SWITCH)
 
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
-        """The class's own forward, with the layer input kept for the attention function."""
+        """The class's own forward, with the layer input kept for the attention function.
+
+        Per call it reads only what the call brings (its arguments by the positions kept per
+        class, its cache layer); everything else was settled at `apply`.
+        """
         state: State = site.adapter_state
-        current = str(state.original_config._attn_implementation)
-        if current != state.implementation:
-            raise UnsupportedModuleError(
-                f"the attention implementation of {site.path!r} was switched from "
-                f"{state.implementation!r} to {current!r} after lcaam_patch.apply, which reads the "
-                f"masks of the implementation it was applied under; call lcaam_patch.remove(model) "
-                f"before switching, then apply again ('eager' or 'sdpa')"
-            )
+        if vars(state.original_config).get("_attn_implementation_internal") != state.implementation_internal:
+            _refuse_switched(state, site.path)
         _refuse_wrapped_generator(module, site.path)
-        arguments = _bind(type(module), args, kwargs)
-        x = arguments.get("hidden_states", args[0] if args else None)
+        positions = _positions(type(module))
+        x = _argument(positions, args, kwargs, "hidden_states")
+        if x is None and args:
+            x = args[0]
         if not isinstance(x, torch.Tensor):
             raise UnsupportedModuleError(
                 f"{type(module).__name__} at {site.path!r} was called without hidden states as its "
                 f"first argument; LCAAM reads them. Exclude it with exclude=[{site.path!r}]"
             )
-        kv_tokens = next((arguments[n] for n in _KEY_TOKEN_ARGUMENTS if arguments.get(n) is not None), None)
-        cache = next((arguments[n] for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
-        layer = None if kv_tokens is not None else cached_layer(module, cache, x.shape[-2])
+        kv_tokens = _first_argument(positions, args, kwargs, _KEY_TOKEN_ARGUMENTS)
+        layer = None
+        if kv_tokens is None:
+            layer = cached_layer(module, _first_argument(positions, args, kwargs, _CACHE_ARGUMENTS), x.shape[-2])
         call = Call(x, kv_tokens, 0, False)
         if layer is not None:
             call.offset, call.from_cache = layer.offset, bool(layer.past) or layer.static
             call.positions = layer.past + x.shape[-2]
-            if getattr(module._modules.get(GENERATOR_NAME), "reads_key_tokens", False):
-                call.kv_tokens = state.stash.key_tokens(layer, x, site.path)
+            generator = module._modules.get(GENERATOR_NAME)
+            if getattr(generator, "reads_key_tokens", False):
+                factored = _factored(generator)
+                call.kv_tokens, call.key_factor = state.stash.key_tokens(layer, x, site.path, factored)
                 call.offset = 0 if layer.offset is not None else None
-        state.stash.calls.append(call)
+        calls = state.stash.calls
+        calls.append(call)
         try:
             output = type(module).forward(module, *args, **kwargs)
         finally:
-            state.stash.calls.pop()
+            calls.pop()
         if not call.attended and needs_verification(site, x):
             raise UnsupportedModuleError(
                 f"{type(module).__name__} at {site.path!r} names the attention interface in its source, "
@@ -200,17 +210,65 @@ def _wrapped(generator: nn.Module) -> bool:
     """Whether a module of `generator` wraps another (PEFT's `base_layer`). A generator still
     made of its Linear stacks (ModuleLists of `nn.Linear`) is answered without walking it."""
     for stack in generator._modules.values():
-        if type(stack) is not nn.ModuleList or any(type(m) is not nn.Linear for m in stack._modules.values()):
+        if type(stack) is not nn.ModuleList:
             return any(hasattr(m, "base_layer") for m in generator.modules())
+        for layer in stack._modules.values():
+            if type(layer) is not nn.Linear:
+                return any(hasattr(m, "base_layer") for m in generator.modules())
     return False
 
 
-def _bind(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by name (self excluded), `**kwargs` merged in."""
-    names = forward_parameters(cls)[1:]
-    bound: dict[str, Any] = dict(kwargs)
-    bound.update(zip(names, args))
-    return bound
+def _factored(generator: nn.Module | None) -> LowRankGenerator | None:
+    """`generator` when its M is `LowRankMask(query_factor(x), key_factor(kv))`, whose key
+    factors the stash may keep (a subclass with its own forward computes something else)."""
+    if isinstance(generator, LowRankGenerator) and type(generator).forward is LowRankGenerator.forward:
+        return generator
+    return None
+
+
+def _refuse_switched(state: State, path: str) -> None:
+    """UnsupportedModuleError if the model's attention implementation was switched after apply."""
+    current = str(state.original_config._attn_implementation)
+    if current != state.implementation:
+        raise UnsupportedModuleError(
+            f"the attention implementation of {path!r} was switched from "
+            f"{state.implementation!r} to {current!r} after lcaam_patch.apply, which reads the "
+            f"masks of the implementation it was applied under; call lcaam_patch.remove(model) "
+            f"before switching, then apply again ('eager' or 'sdpa')"
+        )
+
+
+_POSITIONS: dict[type, dict[str, int]] = {}
+
+
+def _positions(cls: type) -> dict[str, int]:
+    """Where each parameter of `cls.forward` sits among the positional arguments (self
+    excluded); read once per class."""
+    positions = _POSITIONS.get(cls)
+    if positions is None:
+        positions = _POSITIONS[cls] = {name: i for i, name in enumerate(forward_parameters(cls)[1:])}
+    return positions
+
+
+def _argument(positions: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    """The call's argument `name`, by keyword or by position; None when not given."""
+    value = kwargs.get(name)
+    if value is None:
+        index = positions.get(name)
+        if index is not None and index < len(args):
+            value = args[index]
+    return value
+
+
+def _first_argument(
+    positions: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]
+) -> Any:
+    """The first of the arguments `names` the call gives (not None), or None."""
+    for name in names:
+        value = _argument(positions, args, kwargs, name)
+        if value is not None:
+            return value
+    return None
 
 
 def _refuse_unsupported(module: nn.Module, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -65,31 +66,37 @@ def lcaam_attention_function(
     causal = False
     dead_rows = None
     if attention_mask is not None:
-        attention_mask, dead_rows = masking.finite_hard_mask(attention_mask[..., :num_keys])
+        attention_mask, dead_rows = _hard_mask(attention_mask, num_keys)
     elif state.implementation == "sdpa":
         wanted = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(wanted) and num_queries > 1
     attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
-    kv_tokens = call.kv_tokens
+    kv_tokens, key_factor = call.kv_tokens, call.key_factor
+    per_key = kv_tokens if kv_tokens is not None else key_factor  # one row per key token
     offset = call.key_offset(num_keys)
-    if kv_tokens is not None and call.offset is None:  # the last keys of a layer that reuses another's
-        kv_tokens = kv_tokens[:, offset:]
-    if kv_tokens is not None and kv_tokens.shape[-2] != num_keys:
-        if kv_tokens.shape[-2] > num_keys:
+    if per_key is not None:
+        if call.offset is None:  # the last keys of a layer that reuses another's
+            per_key = per_key[:, offset:]
+        if per_key.shape[-2] > num_keys:
             raise UnsupportedModuleError(
-                f"{site.path!r} got {num_keys} keys for {kv_tokens.shape[-2]} key tokens; a KV cache "
+                f"{site.path!r} got {num_keys} keys for {per_key.shape[-2]} key tokens; a KV cache "
                 f"LCAAM cannot follow (e.g. cropped): start from an empty cache"
             )
-        # a static cache's slots after the filled ones: hard-masked, so their M never counts
-        kv_tokens = torch.nn.functional.pad(kv_tokens, (0, 0, 0, num_keys - kv_tokens.shape[-2]))
-    mask = site.mask(module, call.x, (0 if kv_tokens is not None else offset) + num_keys, kv_tokens)
-    if isinstance(mask, LowRankMask) and kv_tokens is None and (call.from_cache or num_keys != call.x.shape[-2]):
+        if per_key.shape[-2] < num_keys:
+            # a static cache's slots after the filled ones: hard-masked, so their M never counts
+            per_key = torch.nn.functional.pad(per_key, (0, 0, 0, num_keys - per_key.shape[-2]))
+        if kv_tokens is not None:
+            kv_tokens = per_key
+        else:
+            key_factor = per_key
+    mask = site.mask(module, call.x, (0 if per_key is not None else offset) + num_keys, kv_tokens, key_factor)
+    if isinstance(mask, LowRankMask) and per_key is None and (call.from_cache or num_keys != call.x.shape[-2]):
         raise UnsupportedModuleError(
             f"{site.path!r}: generator='lowrank' reads the key tokens, but these keys come from a "
             f"KV cache LCAAM cannot follow ({type(module).__name__} gave no cache layers); run "
             f"without a cache (use_cache=False) or use generator='mlp'"
         )
-    if offset and kv_tokens is None:
+    if offset and per_key is None:
         assert isinstance(mask, torch.Tensor)
         mask = mask[..., offset:]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -113,7 +120,8 @@ def lcaam_attention_function(
             out, attention_weights = masking.uniform_dead_rows(out, attention_weights, value, dead_rows)
         return out.transpose(1, 2).contiguous(), attention_weights
 
-    output, weights = attend(mask, dropout, state.implementation == "eager")
+    need_weights = state.implementation == "eager" and (not state.weights_optional or weights_wanted(module, kwargs))
+    output, weights = attend(mask, dropout, need_weights)
     if needs_verification(site, query):
         extra = dict(kwargs)
         if is_causal is not None:
@@ -135,6 +143,57 @@ def lcaam_attention_function(
             attended=attended,
         )
     return output, weights
+
+
+_HARD_MASK: tuple[weakref.ReferenceType[torch.Tensor], int, int, tuple[torch.Tensor | None, torch.Tensor | None]] | None
+_HARD_MASK = None
+"""The last upstream mask `_hard_mask` read, its version, key count and answer: a model hands
+the same mask to each of its layers (forgotten when the mask is freed)."""
+
+
+def _hard_mask(attention_mask: torch.Tensor, num_keys: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`masking.finite_hard_mask` of the first `num_keys` columns of `attention_mask`, read once
+    for all the layers given the same mask (outside autograd and `torch.compile`)."""
+    global _HARD_MASK
+    kept = not attention_mask.requires_grad and not torch.compiler.is_compiling()
+    last = _HARD_MASK
+    if kept and last is not None and last[0]() is attention_mask and last[1:3] == (attention_mask._version, num_keys):
+        return last[3]
+    answer = masking.finite_hard_mask(attention_mask[..., :num_keys])
+    if kept:
+        _HARD_MASK = (weakref.ref(attention_mask, _forget_hard_mask), attention_mask._version, num_keys, answer)
+    return answer
+
+
+def _forget_hard_mask(freed: weakref.ReferenceType[torch.Tensor]) -> None:
+    global _HARD_MASK
+    last = _HARD_MASK
+    if last is not None and last[0] is freed:
+        _HARD_MASK = None
+
+
+_RECORDER_MODULE = "transformers.utils.output_capturing"
+_NOT_WEIGHTS = frozenset({"hidden_states", "_hidden_states_layers"})
+
+
+def weights_wanted(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether something may read the attention weights this call of `module` returns: the
+    call asks (`output_attentions`), transformers records this forward's outputs other than
+    hidden states (`capture_outputs`), or a forward hook other than transformers' recorder
+    sees the module's output. True whenever that cannot be told (no recorder to ask in this
+    transformers, or inside `torch.compile`)."""
+    if kwargs.get("output_attentions") or torch.compiler.is_compiling():
+        return True
+    if getattr(torch.nn.modules.module, "_global_forward_hooks", None):
+        return True
+    for hook in module._forward_hooks.values():
+        if getattr(hook, "__module__", None) != _RECORDER_MODULE:
+            return True
+    collector = getattr(sys.modules.get(_RECORDER_MODULE), "_active_collector", None)
+    if collector is None:
+        return True
+    recorded = collector.get()
+    return bool(recorded) and any(key not in _NOT_WEIGHTS for key in recorded)
 
 
 def _check_queries(site: LCAAMSite, module: nn.Module, x: torch.Tensor, query: torch.Tensor) -> None:

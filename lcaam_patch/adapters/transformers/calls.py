@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModuleError
+from ...generators import LowRankGenerator
 
 
 @dataclasses.dataclass
@@ -31,6 +32,9 @@ class Call:
     from_cache: bool
     positions: int = 0
     attended: bool = False
+    key_factor: torch.Tensor | None = None
+    """Instead of `kv_tokens` (then None), the lowrank generator's key factor B of those
+    tokens, row for row, where the stash keeps B per position."""
 
     def key_offset(self, num_keys: int) -> int:
         """The absolute position of key slot 0 of a call with `num_keys` keys."""
@@ -53,29 +57,117 @@ class CachedLayer:
     static: bool
 
 
+class KeySlot:
+    """The layer inputs of the positions of one KV-cache layer, in order, and the lowrank
+    generator's key factor B of each.
+
+    Nothing here is written in place: the inputs are kept as the pieces the calls brought
+    (joined when read, and every `_MAX_PIECES` calls), and B grows by concatenation, so what
+    an earlier call was handed never changes. Outside autograd and `torch.compile`, B's rows
+    are computed once per position and kept while the generator's key weights stay the same
+    objects at the same `_version` (an optimizer step or a load moves it); else B is
+    recomputed over every kept input. Inside autograd the inputs are joined per call and B
+    is the generator's own, so gradients are exact.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[torch.Tensor] = []
+        self.count = 0
+        self.factors: torch.Tensor | None = None
+        self.weights: tuple[torch.Tensor, ...] = ()
+        self.state: tuple[int, ...] = ()
+
+    @property
+    def batch(self) -> int | None:
+        """The batch size of the kept inputs (None before the first)."""
+        return self.pieces[0].shape[0] if self.pieces else None
+
+    def kept(self, past: int) -> torch.Tensor | None:
+        """The inputs of positions `0...past`, as one tensor (None for none)."""
+        if not past:
+            self.pieces, self.count = [], 0
+            return None
+        if len(self.pieces) > 1 or self.count != past:
+            joined = self.pieces[0] if len(self.pieces) == 1 else torch.cat(self.pieces, dim=-2)
+            self.pieces, self.count = [joined[:, :past]], past
+        return self.pieces[0]
+
+    def concatenate(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        """The inputs of positions `0...past` followed by `x`, as one new tensor, kept as
+        such; B is forgotten (autograd or `torch.compile`: nothing kept across calls)."""
+        kept = self.kept(past)
+        tokens = x if kept is None else torch.cat([kept, x], dim=-2)
+        self.pieces, self.count, self.factors = [tokens], tokens.shape[-2], None
+        return tokens
+
+    def key_factor(self, generator: LowRankGenerator, x: torch.Tensor, past: int) -> torch.Tensor:
+        """B of positions `0...past` followed by `x`, whose inputs it keeps; the kept rows are
+        reused while the key weights are unchanged."""
+        factors = self.factors
+        if self.count > past:
+            self.kept(past)
+            factors = None if factors is None else factors[:, :past]
+        self.pieces.append(x)
+        self.count = past + x.shape[-2]
+        if len(self.pieces) > _MAX_PIECES:
+            self.kept(self.count)
+        weights = generator.key_weights()
+        # the kept `weights` hold those tensors alive, so an id here is never a reused one
+        state = tuple([value for w in weights for value in (id(w), w._version)])
+        if factors is not None and state == self.state and factors.shape[-2] == past:
+            new = generator.key_factor(x)
+            if new.dtype == factors.dtype:
+                self.factors = torch.cat([factors, new], dim=-2)
+                return self.factors
+        kept = self.kept(self.count)
+        assert kept is not None
+        self.factors, self.weights, self.state = generator.key_factor(kept), weights, state
+        return self.factors
+
+
+_MAX_PIECES = 64
+"""Kept inputs are joined into one tensor once a slot holds more pieces than this."""
+
+
 class Stash:
-    """Per-thread stack of `Call`s of one module, and the layer inputs of the positions in
-    each KV cache it has seen (for generators that read key tokens); never pickled or copied."""
+    """Per-thread stack of `Call`s of one module, and a `KeySlot` per layer of each KV cache
+    it has seen (for generators that read key tokens); never pickled or copied."""
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._tokens: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._slots: weakref.WeakKeyDictionary[Any, dict[int, KeySlot]] = weakref.WeakKeyDictionary()
 
-    def key_tokens(self, layer: CachedLayer, x: torch.Tensor, path: str) -> torch.Tensor:
-        """The layer inputs of positions `layer.offset...` (all of them for a layer that reuses
-        another layer's keys): the kept ones, then `x`."""
-        per_layer = self._tokens.setdefault(layer.cache, {})
-        kept = per_layer.get(layer.index) if layer.past else None
-        count = 0 if kept is None else kept.shape[-2]
+    def key_tokens(
+        self, layer: CachedLayer, x: torch.Tensor, path: str, generator: LowRankGenerator | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the positions `layer.offset...` (all of them for a layer that reuses another
+        layer's keys), the kept layer inputs then `x`, or, given the lowrank `generator` and
+        outside autograd and `torch.compile`, their key factor B instead: (tokens, None) or
+        (None, B)."""
+        per_layer = self._slots.get(layer.cache)
+        if per_layer is None:
+            per_layer = self._slots[layer.cache] = {}
+        slot = per_layer.get(layer.index)
+        count = 0 if slot is None or not layer.past else slot.count
         if count < layer.past:
             raise UnsupportedModuleError(
                 f"{path!r}: generator='lowrank' reads the key tokens, but the KV cache holds "
                 f"{layer.past} positions of which LCAAM saw {count} (a cache filled before "
                 f"lcaam_patch.apply or elsewhere); start from an empty cache, or use generator='mlp'"
             )
-        tokens = x if kept is None else torch.cat([kept[:, : layer.past], x], dim=-2)
-        per_layer[layer.index] = tokens
-        return tokens[:, layer.offset or 0 :]
+        if slot is None:
+            slot = per_layer[layer.index] = KeySlot()
+        elif layer.past and slot.batch != x.shape[0]:
+            raise UnsupportedModuleError(
+                f"{path!r}: generator='lowrank' reads the key tokens, but the KV cache's batch changed "
+                f"from {slot.batch} to {x.shape[0]} (reordered or expanded), which LCAAM cannot "
+                f"follow; start from an empty cache, or use generator='mlp'"
+            )
+        start = layer.offset or 0
+        if generator is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return slot.concatenate(x, layer.past)[:, start:], None
+        factors = slot.key_factor(generator, x, layer.past)
+        return None, factors[:, start:] if start else factors
 
     @property
     def calls(self) -> list[Call]:
@@ -97,12 +189,20 @@ class Stash:
 
 @dataclasses.dataclass
 class State:
-    """What `restore` needs and the attention function reads."""
+    """What `restore` needs and the attention function reads.
+
+    `implementation_internal` is the original config's `_attn_implementation_internal` at
+    `apply`, which the forward compares first (a switch shows there); `weights_optional` says
+    whether every transformers model in the tree runs under `sdpa`, whose attention returns no
+    weights, so that its code never needs them unless they are recorded (`weights_wanted`).
+    """
 
     original_config: Any
     implementation: str
     root: nn.Module
     stash: Stash = dataclasses.field(default_factory=Stash)
+    implementation_internal: Any = None
+    weights_optional: bool = False
 
 
 def cached_layer(module: nn.Module, cache: Any, num_queries: int) -> CachedLayer | None:
