@@ -1110,3 +1110,21 @@ def test_a_given_bound_overrides_the_probed_pooling_head_bound() -> None:
     head = model.head.attention
     geometry = next(site.geometry for _, module, site in lcaam_patch.patched_sites(model) if module is head)
     assert (geometry.max_q_tokens, geometry.max_kv_tokens) == (25, 36)
+
+
+@pytest.mark.skipif(not CACHE_HAS_LAYERS, reason="the lowrank generator follows only caches with layers")
+def test_beam_search_reordering_the_cache_is_refused_under_lowrank_and_exact_under_mlp() -> None:
+    """Beam search reorders the KV cache's rows between steps; the lowrank generator's kept
+    layer inputs would then belong to other beams, so the step after a reorder is refused.
+    The mlp generator reads no key tokens: its beam search equals the uncached one."""
+    ids = _ids(2, 6)
+    for generator in ("mlp", "lowrank"):
+        model = _llama()
+        lcaam_patch.apply(model, generator=generator, **({"rank": 2} if generator == "lowrank" else {}))
+        _perturb(model)
+        beams = {"num_beams": 3, "num_return_sequences": 1}
+        if generator == "mlp":
+            _assert_same_generation(_generate(model, ids, **beams), _generate(model, ids, use_cache=False, **beams))
+            continue
+        with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"reordered.*num_beams=1.*generator='mlp'"):
+            _generate(model, ids, **beams)

@@ -76,6 +76,9 @@ class KeySlot:
         self.factors: torch.Tensor | None = None
         self.weights: tuple[torch.Tensor, ...] = ()
         self.state: tuple[int, ...] = ()
+        self.cache_keys: weakref.ref[torch.Tensor] | None = None
+        """The cache layer's keys tensor as the last call's update left it (outside
+        `torch.compile`): a different one at the next call means the rows were reordered."""
 
     @property
     def batch(self) -> int | None:
@@ -125,6 +128,21 @@ class KeySlot:
         return self.factors
 
 
+def _layer_keys(layer: CachedLayer) -> torch.Tensor | None:
+    """The keys tensor of the cache layer (None for a layer that keeps none)."""
+    layers = getattr(layer.cache, "layers", ())
+    keys = getattr(layers[layer.index], "keys", None) if layer.index < len(layers) else None
+    return keys if isinstance(keys, torch.Tensor) else None
+
+
+def _replaced(slot: KeySlot, layer: CachedLayer) -> bool:
+    """Whether the cache layer holds another keys tensor than the last update left there
+    (never known under `torch.compile`)."""
+    if slot.cache_keys is None or torch.compiler.is_compiling():
+        return False
+    return _layer_keys(layer) is not slot.cache_keys()
+
+
 _MAX_PIECES = 64
 """Kept inputs are joined into one tensor once a slot holds more pieces than this."""
 
@@ -163,11 +181,26 @@ class Stash:
                 f"from {slot.batch} to {x.shape[0]} (reordered or expanded), which LCAAM cannot "
                 f"follow; start from an empty cache, or use generator='mlp'"
             )
+        elif layer.past and slot.count == layer.past and _replaced(slot, layer):
+            raise UnsupportedModuleError(
+                f"{path!r}: generator='lowrank' reads the key tokens, but the KV cache's rows were "
+                f"reordered or moved since the last call (beam search's reorder_cache, offloading), "
+                f"and the layer inputs LCAAM keeps would belong to other rows; generate with "
+                f"num_beams=1, or use generator='mlp'"
+            )
         start = layer.offset or 0
         if generator is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return slot.concatenate(x, layer.past)[:, start:], None
         factors = slot.key_factor(generator, x, layer.past)
         return None, factors[:, start:] if start else factors
+
+    def updated(self, layer: CachedLayer) -> None:
+        """Note the keys tensor the call's cache update left in `layer` (outside
+        `torch.compile`), which the next call of the same slot expects to find there."""
+        slot = self._slots.get(layer.cache, {}).get(layer.index)
+        keys = _layer_keys(layer)
+        if slot is not None and keys is not None and not torch.compiler.is_compiling():
+            slot.cache_keys = weakref.ref(keys)
 
     @property
     def calls(self) -> list[Call]:
