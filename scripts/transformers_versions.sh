@@ -29,7 +29,8 @@ for version in "${versions[@]}"; do
             --workers "${WORKERS:-2}" --json "census-$version.json" > "census-$version.txt" 2>&1 || status=1
         summary=$(grep -E '^\| (exact|total) ' "census-$version.txt" | tr -s ' ' | tr '\n' ' ')
         broken=$(sed -n 's/^Broken rows (\([0-9]*\)).*/\1/p' "census-$version.txt")
-        summary="$summary broken rows: ${broken:-?}"
+        summary=${broken:+"$summary broken rows: $broken"}
+        summary=${summary:-"census did not run (see census-$version.txt)"}
     else
         summary=$(PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -1)
         case "$summary" in *failed*|*error*) status=1 ;; esac
