@@ -16,10 +16,18 @@ versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(4.53.3 4.57.6 5.0.0 5.25.0)
 python=${PYTHON:-.venv/bin/python}
 status=0
+# Older releases import `kernels` when it is installed but predate the venv's: each gets one
+# of its time in its own folder (tried: 4.53.3 with 0.7.1, 5.0.0 with 0.11.7).
+kernels_of() {
+    case "$1" in
+        4.*) echo "kernels==0.7.1" ;;
+        5.0.*) echo "kernels==0.11.7" ;;
+    esac
+}
 printf '%-8s  %s\n' transformers result
 for version in "${versions[@]}"; do
     target=$(mktemp -d)
-    if ! "$python" -m pip install -q --target "$target" "transformers==$version" > "$target.log" 2>&1; then
+    if ! "$python" -m pip install -q --target "$target" "transformers==$version" $(kernels_of "$version") > "$target.log" 2>&1; then
         printf '%-8s  %s\n' "$version" "install failed (see $target.log)"
         status=1
         continue
