@@ -194,3 +194,30 @@ def test_blip_captioning_cross_attends_the_image_tokens_exactly() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
     assert all(site.verified for _, site in cross)
+
+
+def test_big_bird_attention_type_switch_after_apply_is_refused_until_remove() -> None:
+    """BigBird's `set_attention_type` puts a new, unpatched attention module in place of the
+    patched one: after `apply` a switch is refused (the current type passes), and `remove`
+    gives the method back."""
+    config = transformers.BigBirdConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attention_type="original_full",
+    )
+    model = transformers.BigBirdModel(config).eval()
+    lcaam_patch.apply(model)
+    model.set_attention_type("original_full")
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"set_attention_type\('block_sparse'\).*remove"):
+        model.set_attention_type("block_sparse")
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match="unpatched attention module"):
+        model.encoder.layer[0].attention.set_attention_type("block_sparse")
+    assert model.attention_type == "original_full" and model.encoder.attention_type == "original_full"
+    assert all(hasattr(layer.attention.self, "lcaam") for layer in model.encoder.layer)
+    lcaam_patch.remove(model)
+    model.set_attention_type("block_sparse")
+    assert model.encoder.layer[0].attention.attention_type == "block_sparse"

@@ -38,6 +38,7 @@ hard by `finite_hard_mask`, with the upstream's uniform average on rows it hides
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +49,7 @@ from torch import nn
 from ...backends import AttentionCall, masking
 from ...config import LCAAMConfig
 from ...errors import UnsupportedModuleError
-from ...site import LCAAMSite, SiteGeometry
+from ...site import SITE_ATTR, LCAAMSite, SiteGeometry
 from ...verification import attended_keys, needs_verification, verify_first_call
 from ..base import Adapter
 from .bounds import image_tokens, require_generator_bound
@@ -65,6 +66,7 @@ from .discovery import (
     transformers_loaded,
 )
 from .probe import probed_tokens
+from .switch import ATTENTION_TYPE, is_guard, refuse_attention_type
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 _KEY_TOKEN_ARGUMENTS = ("encoder_hidden_states", "key_value_states")
@@ -179,6 +181,23 @@ class LegacySelfAttentionAdapter(Adapter):
                     if is_legacy_self_attention(value):
                         found.append(value)
         return tuple(found)
+
+    def prepare(self, module: nn.Module, root: nn.Module) -> nn.Module:
+        """Guard the modules above `module` that could swap it for an unpatched one
+        (BigBird's `set_attention_type`); returns `root` for `restore`."""
+        path = next(name for name, m in root.named_modules() if m is module)
+        for prefix in ["", *_prefixes(path)]:
+            holder = root.get_submodule(prefix)
+            if hasattr(type(holder), ATTENTION_TYPE) and not is_guard(vars(holder).get(ATTENTION_TYPE)):
+                setattr(holder, ATTENTION_TYPE, functools.partial(refuse_attention_type, holder))
+        return root
+
+    def restore(self, module: nn.Module, state: nn.Module) -> None:
+        """Drop the `set_attention_type` guards with the model's last site."""
+        if not any(hasattr(m, SITE_ATTR) for m in state.modules()):
+            for holder in state.modules():
+                if is_guard(vars(holder).get(ATTENTION_TYPE)):
+                    delattr(holder, ATTENTION_TYPE)
 
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """A module of such a class with its form's Linears and head attributes."""

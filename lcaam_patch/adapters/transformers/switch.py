@@ -1,4 +1,6 @@
-"""The guard against `set_attn_implementation` on a model carrying LCAAM."""
+"""The guards against switches that would take LCAAM out of a patched model:
+`set_attn_implementation`, and BigBird's `set_attention_type`, which puts a new attention
+module in place of the patched one."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ from torch import nn
 from ...errors import UnsupportedModuleError
 
 SWITCH = "set_attn_implementation"
+ATTENTION_TYPE = "set_attention_type"
 
 
 def is_guard(value: object) -> bool:
-    """Whether `value` is the guard `prepare` installed as `set_attn_implementation`."""
-    return isinstance(value, functools.partial) and value.func is refuse_switch
+    """Whether `value` is a guard `prepare` installed (`set_attn_implementation` or
+    `set_attention_type`)."""
+    return isinstance(value, functools.partial) and value.func in (refuse_switch, refuse_attention_type)
 
 
 def refuse_switch(model: nn.Module, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
@@ -28,4 +32,18 @@ def refuse_switch(model: nn.Module, attn_implementation: Any, *args: Any, **kwar
         f"{type(model).__name__} carries LCAAM, applied under attn_implementation={current!r}, whose "
         f"masks it reads; call lcaam_patch.remove(model) before set_attn_implementation("
         f"{attn_implementation!r}), then apply again ('eager' or 'sdpa')"
+    )
+
+
+def refuse_attention_type(holder: nn.Module, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """`set_attention_type` of a module above a patched attention (BigBird's model, encoder,
+    layers, attention): the current type passes, another one is refused."""
+    current = getattr(holder, "attention_type", None)
+    if value == current:
+        return getattr(type(holder), ATTENTION_TYPE)(holder, value, *args, **kwargs)
+    raise UnsupportedModuleError(
+        f"{type(holder).__name__} holds an attention LCAAM patched under attention_type={current!r}; "
+        f"set_attention_type({value!r}) would put an unpatched attention module in its place. Call "
+        f"lcaam_patch.remove(model) first, switch, then apply again (a 'block_sparse' attention is "
+        f"not claimed)"
     )
