@@ -221,3 +221,33 @@ def test_big_bird_attention_type_switch_after_apply_is_refused_until_remove() ->
     lcaam_patch.remove(model)
     model.set_attention_type("block_sparse")
     assert model.encoder.layer[0].attention.attention_type == "block_sparse"
+
+
+def test_remove_drops_every_switch_guard_when_two_adapters_patched_the_model() -> None:
+    """BigBird-Pegasus's encoder is patched by the legacy adapter, its decoder through the
+    interface: whichever site is restored last, `remove` leaves no guard behind, so the
+    unpatched model switches its attention type and implementation again."""
+    config = transformers.BigBirdPegasusConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        attention_type="original_full",
+        attn_implementation="eager",
+    )
+    model = transformers.BigBirdPegasusModel(config).eval()
+    lcaam_patch.apply(model)
+    adapters = {site.adapter.name for _, _, site in lcaam_patch.patched_sites(model)}
+    assert adapters == {"transformers_legacy", "transformers"}
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match="set_attention_type"):
+        model.encoder.set_attention_type("block_sparse")
+    lcaam_patch.remove(model)
+    switches = ("set_attention_type", "set_attn_implementation")
+    assert [(name, s) for name, m in model.named_modules() for s in switches if s in vars(m)] == []
+    model.encoder.set_attention_type("block_sparse")
+    assert model.encoder.attention_type == "block_sparse"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import sys
 from typing import Any
@@ -14,7 +13,7 @@ from torch import nn
 from ...config import LCAAMConfig
 from ...errors import UnsupportedModuleError
 from ...generators import LowRankGenerator
-from ...site import GENERATOR_NAME, SITE_ATTR, LCAAMSite, SiteGeometry
+from ...site import GENERATOR_NAME, LCAAMSite, SiteGeometry
 from ...verification import needs_verification
 from ..base import Adapter, BuilderCall
 from . import builders as launcher
@@ -33,7 +32,7 @@ from .discovery import (
     model_implementation,
     transformers_loaded,
 )
-from .switch import SWITCH, is_guard, refuse_switch
+from .switch import SWITCH, drop_guards, guard
 
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 _PASSES_SINKS = re.compile(r"\bsinks\s*=\s*(?!None\b)\w")
@@ -126,18 +125,15 @@ class TransformersAdapter(Adapter):
         for model in root.modules():
             if is_pretrained_model(model):
                 models.append(model)
-                if hasattr(type(model), SWITCH) and not is_guard(vars(model).get(SWITCH)):  # not in < 4.54
-                    setattr(model, SWITCH, functools.partial(refuse_switch, model))
+                if hasattr(type(model), SWITCH):  # not in < 4.54
+                    guard(model, SWITCH)
         state.weights_optional = bool(models) and all(getattr(m, "_supports_sdpa", False) is True for m in models)
         return state
 
     def restore(self, module: nn.Module, state: State) -> None:
         """Put the module's original config back; drop the switch guards with the last site."""
         module.config = state.original_config
-        if not any(hasattr(m, SITE_ATTR) for m in state.root.modules()):
-            for model in state.root.modules():
-                if is_guard(vars(model).get(SWITCH)):
-                    delattr(model, SWITCH)
+        drop_guards(state.root)
 
     def forward(self, module: nn.Module, site: LCAAMSite, *args: Any, **kwargs: Any) -> Any:
         """The class's own forward, with the layer input kept for the attention function.

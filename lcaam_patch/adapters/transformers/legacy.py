@@ -38,7 +38,6 @@ hard by `finite_hard_mask`, with the upstream's uniform average on rows it hides
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -49,7 +48,7 @@ from torch import nn
 from ...backends import AttentionCall, masking
 from ...config import LCAAMConfig
 from ...errors import UnsupportedModuleError
-from ...site import SITE_ATTR, LCAAMSite, SiteGeometry
+from ...site import LCAAMSite, SiteGeometry
 from ...verification import attended_keys, needs_verification, verify_first_call
 from ..base import Adapter
 from .bounds import image_tokens, require_generator_bound
@@ -66,7 +65,7 @@ from .discovery import (
     transformers_loaded,
 )
 from .probe import probed_tokens
-from .switch import ATTENTION_TYPE, is_guard, refuse_attention_type
+from .switch import ATTENTION_TYPE, drop_guards, guard
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 _KEY_TOKEN_ARGUMENTS = ("encoder_hidden_states", "key_value_states")
@@ -188,16 +187,13 @@ class LegacySelfAttentionAdapter(Adapter):
         path = next(name for name, m in root.named_modules() if m is module)
         for prefix in ["", *_prefixes(path)]:
             holder = root.get_submodule(prefix)
-            if hasattr(type(holder), ATTENTION_TYPE) and not is_guard(vars(holder).get(ATTENTION_TYPE)):
-                setattr(holder, ATTENTION_TYPE, functools.partial(refuse_attention_type, holder))
+            if hasattr(type(holder), ATTENTION_TYPE):
+                guard(holder, ATTENTION_TYPE)
         return root
 
     def restore(self, module: nn.Module, state: nn.Module) -> None:
-        """Drop the `set_attention_type` guards with the model's last site."""
-        if not any(hasattr(m, SITE_ATTR) for m in state.modules()):
-            for holder in state.modules():
-                if is_guard(vars(holder).get(ATTENTION_TYPE)):
-                    delattr(holder, ATTENTION_TYPE)
+        """Drop the switch guards with the model's last site."""
+        drop_guards(state)
 
     def claims(self, module: nn.Module, path: str, root: nn.Module) -> bool:
         """A module of such a class with its form's Linears and head attributes."""

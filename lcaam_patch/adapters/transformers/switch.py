@@ -10,15 +10,34 @@ from typing import Any
 from torch import nn
 
 from ...errors import UnsupportedModuleError
+from ...site import SITE_ATTR
 
 SWITCH = "set_attn_implementation"
 ATTENTION_TYPE = "set_attention_type"
 
 
 def is_guard(value: object) -> bool:
-    """Whether `value` is a guard `prepare` installed (`set_attn_implementation` or
+    """Whether `value` is a guard `guard` installed (`set_attn_implementation` or
     `set_attention_type`)."""
     return isinstance(value, functools.partial) and value.func in (refuse_switch, refuse_attention_type)
+
+
+def guard(holder: nn.Module, name: str) -> None:
+    """Install the guard of switch `name` (`SWITCH` or `ATTENTION_TYPE`) on `holder`, once."""
+    if not is_guard(vars(holder).get(name)):
+        refusal = refuse_switch if name == SWITCH else refuse_attention_type
+        setattr(holder, name, functools.partial(refusal, holder))
+
+
+def drop_guards(root: nn.Module) -> None:
+    """Remove every guard in `root` once no site is left in it, whichever adapter installed
+    them and whichever site was restored last."""
+    if any(hasattr(m, SITE_ATTR) for m in root.modules()):
+        return
+    for holder in root.modules():
+        for name in (SWITCH, ATTENTION_TYPE):
+            if is_guard(vars(holder).get(name)):
+                delattr(holder, name)
 
 
 def refuse_switch(model: nn.Module, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
