@@ -22,7 +22,7 @@ from torch import nn
 
 from .backends.call import NEUTRAL, LowRankMask
 from .config import neutral_bias
-from .errors import InvalidOptionError, SequenceTooLongError
+from .errors import InvalidOptionError, SequenceTooLongError, UnsupportedModuleError
 
 
 @runtime_checkable
@@ -93,9 +93,26 @@ def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
     return cast(list[nn.Linear], list(stack._modules.values()))
 
 
-def _run_hidden(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """The stack up to (not including) its last layer, ReLU after each layer."""
-    for layer in _linears(stack)[:-1]:
+def _computing_layers(stack: nn.ModuleList) -> list[nn.Linear]:
+    """The stack's layers for a forward, refusing layers another tuner wrapped (PEFT's
+    `target_modules="all-linear"`): the last layer's weights are read directly, so the
+    tuner's update would be silently skipped."""
+    layers = _linears(stack)
+    for layer in layers:
+        if type(layer) is not nn.Linear and hasattr(layer, "base_layer"):
+            raise UnsupportedModuleError(
+                f"an LCAAM generator had its Linear layers wrapped by another tuner "
+                f"({type(layer).__name__}, e.g. LoRA with target_modules='all-linear'), whose update "
+                f"LCAAM's directly read weights would silently skip; leave the generators out "
+                f"(LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) and train them as they are "
+                f"(modules_to_save=['lcaam'])"
+            )
+    return layers
+
+
+def _run_hidden(layers: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """`layers` up to (not including) the last, ReLU after each."""
+    for layer in layers[:-1]:
         x = F.relu(layer(x))
     return x
 
@@ -103,10 +120,9 @@ def _run_hidden(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 def _run_last(stack: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """The whole stack: ReLU after each layer but the last (whose weights are read directly,
     as `MaskGenerator` reads its sliced ones)."""
-    layers = _linears(stack)
-    for layer in layers[:-1]:
-        x = F.relu(layer(x))
-    return F.linear(x, layers[-1].weight, layers[-1].bias)
+    layers = _computing_layers(stack)
+    last = layers[-1]
+    return F.linear(_run_hidden(layers, x), last.weight, last.bias)
 
 
 def _he_init_hidden(stack: nn.ModuleList) -> None:
@@ -191,8 +207,9 @@ class MaskGenerator(nn.Module):
                 f"max_kv_tokens={num_kv_tokens} (max_tokens for self-attention) or larger "
                 f"to lcaam_patch.apply"
             )
-        h = _run_hidden(self.layers, x)
-        last = _linears(self.layers)[-1]
+        layers = _computing_layers(self.layers)
+        h = _run_hidden(layers, x)
+        last = layers[-1]
         if num_kv_tokens < self.max_kv_tokens:
             m = F.linear(h, last.weight[:num_kv_tokens], last.bias[:num_kv_tokens])
         else:

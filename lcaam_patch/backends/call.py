@@ -58,6 +58,12 @@ class CallSpec(NamedTuple):
     """Whether k and v have fewer heads than q (grouped-query attention)."""
 
 
+def _new_spec(*fields: Any) -> CallSpec:
+    """A `CallSpec` of all its fields, in order, built without NamedTuple's keyword handling
+    (once per attention call)."""
+    return tuple.__new__(CallSpec, fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionCall:
     """One fused LCAAM attention, softmax((QKᵀ·scale ◇ M) + upstream mask) V.
@@ -101,7 +107,7 @@ class AttentionCall:
             kind, needs_grad = "bool", False
         else:
             kind, needs_grad = "float", attn_mask.requires_grad and torch.is_grad_enabled()
-        return CallSpec(
+        return _new_spec(
             q.device.type,
             q.dtype,
             self.fusion,

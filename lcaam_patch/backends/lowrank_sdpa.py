@@ -19,8 +19,6 @@ backward is eager's.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,20 +75,14 @@ class LowRankSDPABackend:
         differentiated = torch.is_grad_enabled() and any(
             t.requires_grad for t in (q_wide, k_wide, v, upstream.bias) if t is not None
         )
-        kernel = sdpa_kernel(SDPBackend.MATH) if differentiated and v.device.type == "cpu" else contextlib.nullcontext()
         only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
         attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
-        with kernel:
-            out = F.scaled_dot_product_attention(
-                q_wide,
-                k_wide,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=call.dropout_p,
-                is_causal=only_causal,
-                scale=call.scale,
-                **grouped(call),
-            )
+        options = {"dropout_p": call.dropout_p, "is_causal": only_causal, "scale": call.scale, **grouped(call)}
+        if differentiated and v.device.type == "cpu":
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q_wide, k_wide, v, attn_mask=attn_mask, **options)
+        else:
+            out = F.scaled_dot_product_attention(q_wide, k_wide, v, attn_mask=attn_mask, **options)
         if out.shape[-1] != value_dim:
             out = out[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None

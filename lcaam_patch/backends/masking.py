@@ -26,7 +26,6 @@ The guarantee every backend meets through this module:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -43,9 +42,10 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
 
 
-@dataclasses.dataclass(frozen=True)
 class UpstreamMask:
     """The upstream mask of one call, split into what hides keys and what shifts scores.
+
+    Built once per call and never changed afterwards (every backend of the call reads it).
 
     Attributes:
         keep: bool (B|1, H|1, Nq|1, Nk), False where the upstream mask hard-masks a key
@@ -56,25 +56,30 @@ class UpstreamMask:
         device: where the call runs.
     """
 
-    keep: torch.Tensor | None
-    bias: torch.Tensor | None
-    causal: bool
-    nq: int
-    nk: int
-    device: torch.device
-    _full_keep: torch.Tensor | None = dataclasses.field(init=False, repr=False)
-    _dead_rows: torch.Tensor | None = dataclasses.field(init=False, repr=False)
+    __slots__ = ("_dead_rows", "_full_keep", "bias", "causal", "device", "keep", "nk", "nq")
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        keep: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        causal: bool,
+        nq: int,
+        nk: int,
+        device: torch.device,
+    ) -> None:
+        self.keep, self.bias, self.causal, self.nq, self.nk, self.device = keep, bias, causal, nq, nk, device
         # computed once here: every backend asks for them, several times per call
-        keep = self.keep
-        if self.causal:
-            tril = causal_keep(self.nq, self.nk, self.device)
-            keep = tril if keep is None else keep & tril
-        full = None if keep is None else _as_4d(keep)
-        dead = None if self.keep is None or full is None else ~full.any(dim=-1, keepdim=True)
-        object.__setattr__(self, "_full_keep", full)
-        object.__setattr__(self, "_dead_rows", dead)
+        full = keep
+        if causal:
+            tril = causal_keep(nq, nk, device)
+            full = tril if keep is None else keep & tril
+        if full is None:
+            self._full_keep: torch.Tensor | None = None
+            self._dead_rows: torch.Tensor | None = None
+            return
+        full = _as_4d(full)
+        self._full_keep = full
+        self._dead_rows = None if keep is None else ~full.any(dim=-1, keepdim=True)
 
     def full_keep(self) -> torch.Tensor | None:
         """`keep` with causality folded in; None when nothing is hard-masked."""

@@ -144,7 +144,6 @@ class TransformersAdapter(Adapter):
         state: State = site.adapter_state
         if vars(state.original_config).get("_attn_implementation_internal") != state.implementation_internal:
             _refuse_switched(state, site.path)
-        _refuse_wrapped_generator(module, site.path)
         positions = _positions(type(module))
         x = _argument(positions, args, kwargs, "hidden_states")
         if x is None and args:
@@ -191,31 +190,6 @@ class TransformersAdapter(Adapter):
     def builder_call(self, preset: str, target: str, args: tuple[Any, ...], kwargs: Any) -> BuilderCall:
         """`from_pretrained` of a directory with LCAAM weights loads them into the patched model."""
         return launcher.builder_call(target, args, kwargs)
-
-
-def _refuse_wrapped_generator(module: nn.Module, path: str) -> None:
-    """A generator whose Linears another tuner wrapped (PEFT's target_modules="all-linear")
-    would run their base weights only: the tuner's update would be silently lost."""
-    generator = module._modules.get(GENERATOR_NAME)
-    if generator is not None and _wrapped(generator):
-        raise UnsupportedModuleError(
-            f"the LCAAM generator of {path!r} had its Linear layers wrapped by another tuner (e.g. "
-            f"LoRA with target_modules='all-linear'), whose update LCAAM's sliced weights would "
-            f"silently skip; leave the generators out (LoraConfig(..., exclude_modules=r'.*\\.lcaam\\..*')) "
-            f"and train them as they are (modules_to_save=['lcaam'])"
-        )
-
-
-def _wrapped(generator: nn.Module) -> bool:
-    """Whether a module of `generator` wraps another (PEFT's `base_layer`). A generator still
-    made of its Linear stacks (ModuleLists of `nn.Linear`) is answered without walking it."""
-    for stack in generator._modules.values():
-        if type(stack) is not nn.ModuleList:
-            return any(hasattr(m, "base_layer") for m in generator.modules())
-        for layer in stack._modules.values():
-            if type(layer) is not nn.Linear:
-                return any(hasattr(m, "base_layer") for m in generator.modules())
-    return False
 
 
 def _factored(generator: nn.Module | None) -> LowRankGenerator | None:

@@ -18,7 +18,7 @@ from ...verification import attended_keys, needs_verification, verify_first_call
 from .calls import State
 from .discovery import forward_source
 
-_REFUSED_ARGUMENTS = ("softcap", "s_aux", "sinks", "sparse_indices", "topk_indices")
+_REFUSED_ARGUMENTS = frozenset({"softcap", "s_aux", "sinks", "sparse_indices", "topk_indices"})
 """Arguments that change what attention computes and that LCAAM's attention does not honour."""
 
 ATTENTION_FUNCTION = "lcaam"
@@ -51,8 +51,8 @@ def lcaam_attention_function(
             f"running its LCAAM-patched forward; call the module itself (module(...)), not its class's "
             f"forward, and do not set attn_implementation={ATTENTION_FUNCTION!r} yourself"
         )
-    for option in _REFUSED_ARGUMENTS:
-        if kwargs.get(option) is not None:
+    for option in _REFUSED_ARGUMENTS.intersection(kwargs):
+        if kwargs[option] is not None:
             raise UnsupportedModuleError(
                 f"{site.path!r} passed {option} to its attention function, which LCAAM's fused attention "
                 f"does not compute; exclude it with exclude=[{site.path!r}]"
@@ -70,7 +70,8 @@ def lcaam_attention_function(
     elif state.implementation == "sdpa":
         wanted = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(wanted) and num_queries > 1
-    attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
+    if position_bias is not None:
+        attention_mask = _with_bias(attention_mask, position_bias, query.dtype)
     kv_tokens, key_factor = call.kv_tokens, call.key_factor
     per_key = kv_tokens if kv_tokens is not None else key_factor  # one row per key token
     offset = call.key_offset(num_keys)
