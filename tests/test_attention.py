@@ -67,6 +67,27 @@ def test_backends_match_reference_with_gradients(backend, fusion, masking):
 
 
 @pytest.mark.parametrize("backend,fusion", CASES)
+@pytest.mark.parametrize("masking", ["none", "padding-float", "causal"])
+def test_inference_matches_reference_and_leaves_the_inputs_as_they_were(backend, fusion, masking):
+    # outside autograd the eager backend scales its scores in place: nothing the caller holds may change
+    q, k, v, mask = (t.detach() for t in inputs(Nq=6, Nk=6))
+    keep, attn_mask, is_causal = None, None, masking == "causal"
+    if masking == "padding-float":
+        keep = padding_keep(Nq=6, Nk=6)
+        attn_mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    elif is_causal:
+        keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    before = [t.clone() for t in (q, k, v, mask)]
+    with torch.no_grad():
+        first, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
+        second, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
+    expected, _ = reference(q, k, v, mask, fusion, 0.3, keep)
+    torch.testing.assert_close(first.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(first, second)
+    assert all(torch.equal(t, b) for t, b in zip((q, k, v, mask), before))
+
+
+@pytest.mark.parametrize("backend,fusion", CASES)
 def test_bf16_close_to_fp32_reference(backend, fusion):
     q, k, v, mask = inputs(torch.bfloat16)
     out, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=padding_keep())

@@ -286,6 +286,29 @@ def test_remove_refuses_to_delete_a_forward_installed_after_apply():
     assert not lcaam_patch.is_patched(model)
 
 
+class _TunerWrapper(nn.Module):
+    """What PEFT puts in place of a Linear: the original as `base_layer`, its `weight` exposed."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.weight, self.bias = base.weight, base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + 1.0
+
+
+@pytest.mark.parametrize("options", [{}, {"generator": "lowrank"}])
+def test_a_generator_linear_wrapped_by_another_tuner_is_refused_in_any_adapter(options):
+    # LCAAM reads the last layer's weights directly: a tuner's update on it would be skipped silently
+    model = lcaam_patch.apply(tiny_vit(), **options)
+    generator = model.blocks[0].attn.lcaam
+    stack = generator.layers if not options else generator.query
+    stack[-1] = _TunerWrapper(stack[-1])
+    with pytest.raises(lcaam_patch.UnsupportedModuleError, match=r"wrapped by another tuner.*exclude_modules"):
+        model(torch.randn(1, 3, 16, 16))
+
+
 # The reverse load: a patched state dict into an unpatched model
 
 
