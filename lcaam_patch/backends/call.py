@@ -101,6 +101,7 @@ class AttentionCall:
     def spec(self) -> CallSpec:
         """This call without its tensors: what backends decide on (`dispatch.run` reads it once)."""
         q, attn_mask = self.q, self.attn_mask
+        shape = q.shape
         if attn_mask is None:
             kind, needs_grad = "none", False
         elif attn_mask.dtype == torch.bool:
@@ -116,11 +117,11 @@ class AttentionCall:
             needs_grad,
             self.need_weights,
             self.dropout_p,
-            q.shape[-1],
+            shape[-1],
             self.v.shape[-1],
             self.is_causal,
-            q.shape[-2] == 1,
-            self.k.shape[1] != q.shape[1],
+            shape[-2] == 1,
+            self.k.shape[1] != shape[1],
         )
 
     @property

@@ -103,7 +103,7 @@ class _Asked:
         self.call = call
         self.spec = spec
         self.context = tuple([hook() for hook in _CONTEXTS]) if _CONTEXTS else ()
-        self._forms: dict[tuple[bool, bool], AttentionCall] = {}
+        self._forms: dict[tuple[bool, bool], AttentionCall] | None = None
         self._dense: torch.Tensor | None = None
         self._repeated: AttentionCall | None = None
 
@@ -116,6 +116,8 @@ class _Asked:
         repeat = self.spec.grouped_heads and not entry.accepts_grouped_heads
         if not (dense or repeat):
             return call
+        if self._forms is None:
+            self._forms = {}
         form = self._forms.get((dense, repeat))
         if form is None:
             form = call

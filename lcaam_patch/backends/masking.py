@@ -45,32 +45,33 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
 class UpstreamMask:
     """The upstream mask of one call, split into what hides keys and what shifts scores.
 
-    Built once per call and never changed afterwards (every backend of the call reads it).
+    Built once per call and never changed afterwards (every backend of the call reads it);
+    calls with no upstream mask and no causality share `NO_UPSTREAM_MASK`.
 
     Attributes:
         keep: bool (B|1, H|1, Nq|1, Nk), False where the upstream mask hard-masks a key
             (causality not included); None when it hard-masks nothing.
         bias: the finite part of a float upstream mask, 4-D; None when there is none.
-        causal: whether keys after the query are hard-masked too.
-        nq, nk: the query and key counts of the call.
-        device: where the call runs.
+        causal: whether keys after the query are hard-masked too (of the `nq` queries and
+            `nk` keys, on `device`, that the constructor takes for that).
     """
 
-    __slots__ = ("_dead_rows", "_full_keep", "bias", "causal", "device", "keep", "nk", "nq")
+    __slots__ = ("_dead_rows", "_full_keep", "bias", "causal", "keep")
 
     def __init__(
         self,
         keep: torch.Tensor | None,
         bias: torch.Tensor | None,
         causal: bool,
-        nq: int,
-        nk: int,
-        device: torch.device,
+        nq: int = 0,
+        nk: int = 0,
+        device: torch.device | None = None,
     ) -> None:
-        self.keep, self.bias, self.causal, self.nq, self.nk, self.device = keep, bias, causal, nq, nk, device
+        self.keep, self.bias, self.causal = keep, bias, causal
         # computed once here: every backend asks for them, several times per call
         full = keep
         if causal:
+            assert device is not None, "a causal split needs the call's nq, nk and device"
             tril = causal_keep(nq, nk, device)
             full = tril if keep is None else keep & tril
         if full is None:
@@ -114,6 +115,10 @@ class UpstreamMask:
         return total if dead is None else total.masked_fill(dead, 0.0)
 
 
+NO_UPSTREAM_MASK = UpstreamMask(None, None, False)
+"""The split of every call with no upstream mask and no causality: it holds no tensor."""
+
+
 def upstream_mask(call: AttentionCall) -> UpstreamMask:
     """Split the upstream mask and causality of `call` (see the module docstring).
 
@@ -128,10 +133,12 @@ def upstream_mask(call: AttentionCall) -> UpstreamMask:
 
 
 def _split(call: AttentionCall) -> UpstreamMask:
-    nq, nk = call.q.shape[-2], call.k.shape[-2]
     attn_mask = call.attn_mask
+    if attn_mask is None and not call.is_causal:
+        return NO_UPSTREAM_MASK
+    nq, nk = call.q.shape[-2], call.k.shape[-2]
     if attn_mask is None:
-        return UpstreamMask(None, None, call.is_causal, nq, nk, call.q.device)
+        return UpstreamMask(None, None, True, nq, nk, call.q.device)
     attn_mask = _as_4d(attn_mask)
     if attn_mask.dtype == torch.bool:
         return UpstreamMask(attn_mask, None, call.is_causal, nq, nk, call.q.device)
