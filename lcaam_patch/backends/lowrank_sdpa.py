@@ -77,12 +77,24 @@ class LowRankSDPABackend:
         )
         only_causal = upstream.causal and upstream.keep is None and upstream.bias is None
         attn_mask = None if only_causal else upstream.additive(q_wide.dtype)
-        options = {"dropout_p": call.dropout_p, "is_causal": only_causal, "scale": call.scale, **grouped(call)}
+
+        def attend() -> torch.Tensor:
+            return F.scaled_dot_product_attention(
+                q_wide,
+                k_wide,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=call.dropout_p,
+                is_causal=only_causal,
+                scale=call.scale,
+                **grouped(call),
+            )
+
         if differentiated and v.device.type == "cpu":
             with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(q_wide, k_wide, v, attn_mask=attn_mask, **options)
+                out = attend()
         else:
-            out = F.scaled_dot_product_attention(q_wide, k_wide, v, attn_mask=attn_mask, **options)
+            out = attend()
         if out.shape[-1] != value_dim:
             out = out[..., :value_dim]
         return masking.zero_dead_rows(out, upstream), None
