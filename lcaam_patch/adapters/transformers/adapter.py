@@ -158,15 +158,14 @@ class TransformersAdapter(Adapter):
         if kv_tokens is None:
             layer = cached_layer(module, _first_argument(positions, args, kwargs, _CACHE_ARGUMENTS), x.shape[-2])
         call = Call(x, kv_tokens, 0, False)
-        keeps_inputs = False
+        slot = None
         if layer is not None:
             call.offset, call.from_cache = layer.offset, bool(layer.past) or layer.static
             call.positions = layer.past + x.shape[-2]
             generator = module._modules.get(GENERATOR_NAME)
             if getattr(generator, "reads_key_tokens", False):
                 factored = _factored(generator)
-                call.kv_tokens, call.key_factor = state.stash.key_tokens(layer, x, site.path, factored)
-                keeps_inputs = True
+                slot, call.kv_tokens, call.key_factor = state.stash.key_tokens(layer, x, site.path, factored)
                 call.offset = 0 if layer.offset is not None else None
         calls = state.stash.calls
         calls.append(call)
@@ -174,8 +173,8 @@ class TransformersAdapter(Adapter):
             output = type(module).forward(module, *args, **kwargs)
         finally:
             calls.pop()
-        if keeps_inputs and layer is not None:
-            state.stash.updated(layer)
+        if slot is not None and layer is not None:
+            slot.updated(layer)
         if not call.attended and needs_verification(site, x):
             raise UnsupportedModuleError(
                 f"{type(module).__name__} at {site.path!r} names the attention interface in its source, "

@@ -80,6 +80,13 @@ class KeySlot:
         """The cache layer's keys tensor as the last call's update left it (outside
         `torch.compile`): a different one at the next call means the rows were reordered."""
 
+    def updated(self, layer: CachedLayer) -> None:
+        """Note the keys tensor the call's cache update left in `layer` (outside
+        `torch.compile`), which the next call of this slot expects to find there."""
+        keys = _layer_keys(layer)
+        if keys is not None and not torch.compiler.is_compiling():
+            self.cache_keys = weakref.ref(keys)
+
     @property
     def batch(self) -> int | None:
         """The batch size of the kept inputs (None before the first)."""
@@ -157,11 +164,11 @@ class Stash:
 
     def key_tokens(
         self, layer: CachedLayer, x: torch.Tensor, path: str, generator: LowRankGenerator | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[KeySlot, torch.Tensor | None, torch.Tensor | None]:
         """For the positions `layer.offset...` (all of them for a layer that reuses another
         layer's keys), the kept layer inputs then `x`, or, given the lowrank `generator` and
-        outside autograd and `torch.compile`, their key factor B instead: (tokens, None) or
-        (None, B)."""
+        outside autograd and `torch.compile`, their key factor B instead: (slot, tokens, None)
+        or (slot, None, B), where `slot` keeps them (its `updated` follows the cache update)."""
         per_layer = self._slots.get(layer.cache)
         if per_layer is None:
             per_layer = self._slots[layer.cache] = {}
@@ -190,17 +197,9 @@ class Stash:
             )
         start = layer.offset or 0
         if generator is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return slot.concatenate(x, layer.past)[:, start:], None
+            return slot, slot.concatenate(x, layer.past)[:, start:], None
         factors = slot.key_factor(generator, x, layer.past)
-        return None, factors[:, start:] if start else factors
-
-    def updated(self, layer: CachedLayer) -> None:
-        """Note the keys tensor the call's cache update left in `layer` (outside
-        `torch.compile`), which the next call of the same slot expects to find there."""
-        slot = self._slots.get(layer.cache, {}).get(layer.index)
-        keys = _layer_keys(layer)
-        if slot is not None and keys is not None and not torch.compiler.is_compiling():
-            slot.cache_keys = weakref.ref(keys)
+        return slot, None, factors[:, start:] if start else factors
 
     @property
     def calls(self) -> list[Call]:
