@@ -78,9 +78,10 @@ def test_inference_matches_reference_and_leaves_the_inputs_as_they_were(backend,
     elif is_causal:
         keep = torch.ones(6, 6, dtype=torch.bool).tril()
     before = [t.clone() for t in (q, k, v, mask)]
+    options = dict(fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
     with torch.no_grad():
-        first, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
-        second, _ = run_named(backend, q, k, v, mask, fusion=fusion, scale=0.3, attn_mask=attn_mask, is_causal=is_causal)
+        first, _ = run_named(backend, q, k, v, mask, **options)
+        second, _ = run_named(backend, q, k, v, mask, **options)
     expected, _ = reference(q, k, v, mask, fusion, 0.3, keep)
     torch.testing.assert_close(first.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(first, second)
@@ -136,6 +137,17 @@ def test_a_named_backend_that_cannot_compute_a_call_raises_instead_of_falling_ba
         match=f"backend='{backend}' cannot compute this attention call: .*{reason}.*backend='auto'.*'eager'",
     ):
         lcaam_attention(q, k, v, mask, scale=0.5, backend=backend, **options)
+
+
+@pytest.mark.parametrize("value", [None, "1", "0"])
+def test_the_triton_context_follows_triton_interpret_as_set_now(monkeypatch, value):
+    from lcaam_patch.backends.triton import TritonBackend
+
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert TritonBackend().refusal_context() == value
 
 
 def test_triton_is_refused_on_the_cpu_without_the_interpreter(monkeypatch):

@@ -53,6 +53,19 @@ TRITON_REFUSAL = triton_refusal(*installed_triton())
 lookup per call, and nothing for `torch.compile` to trace into."""
 
 
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET") if hasattr(os.environ, "encodekey") else None
+
+
+def _interpret_setting() -> str | None:
+    """`os.environ.get("TRITON_INTERPRET")`, read on every attention call: when the variable is
+    unset, CPython's `os.environ.get` raises and catches two KeyErrors (several µs per call
+    inside a model), so absence is first checked in the dict `os.environ` keeps in sync."""
+    data = getattr(os.environ, "_data", None)
+    if type(data) is dict and _INTERPRET_KEY not in data:
+        return None
+    return os.environ.get("TRITON_INTERPRET")
+
+
 def interpreter_enabled() -> bool:
     """Whether `TRITON_INTERPRET=1` asks for the kernel to run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -63,7 +76,7 @@ class TritonBackend:
 
     def refusal_context(self) -> str | None:
         """`TRITON_INTERPRET` as set now: whether CPU calls are served depends on it."""
-        return os.environ.get("TRITON_INTERPRET")
+        return _interpret_setting()
 
     def refusal_for(self, spec: CallSpec) -> str | None:
         """CUDA (or the CPU under `TRITON_INTERPRET=1`), no weights, no dropout, D <= 128."""
