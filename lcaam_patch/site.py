@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -175,7 +175,8 @@ class LCAAMSite:
                 f"another forward; use mode='multilayer', or turn activation checkpointing off"
             )
         if self.owns_generator:
-            generator: LCAAMGenerator = getattr(module, GENERATOR_NAME)
+            # the submodule dict itself: nn.Module.__getattr__ is Python, on every attention call
+            generator = cast(LCAAMGenerator, module._modules[GENERATOR_NAME])
             if key_factor is not None and isinstance(generator, LowRankGenerator):
                 mask: torch.Tensor | LowRankMask = LowRankMask(generator.query_factor(x), key_factor)
             else:
