@@ -1027,12 +1027,15 @@ def test_a_patched_model_pickles_and_deep_copies() -> None:
 @pytest.mark.parametrize("generator", ["mlp", "lowrank"])
 def test_static_cache_generation_compiles_fullgraph_with_the_eager_tokens(generator: str) -> None:
     """The way transformers' docs compile generation (a static cache, the forward compiled
-    with fullgraph=True): no graph break (fullgraph raises on one) and eager's tokens."""
+    with fullgraph=True): no graph break (fullgraph raises on one), eager's tokens, and more
+    new tokens than dynamo's recompile limit (8), so a graph per decoding step would fail."""
     model = _llama(num_hidden_layers=1)
     lcaam_patch.apply(model, generator=generator)
     _perturb(model, 0.3)
     ids = _ids(1, 5)
-    options: dict[str, Any] = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0)
+    options: dict[str, Any] = dict(
+        max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0
+    )
     eager = model.generate(ids, **options)
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)

@@ -72,7 +72,7 @@ class KeySlot:
 
     def __init__(self) -> None:
         self.pieces: list[torch.Tensor] = []
-        self.count = 0
+        self._count = 0
         self.factors: torch.Tensor | None = None
         self.weights: tuple[torch.Tensor, ...] = ()
         self.state: tuple[int, ...] = ()
@@ -88,6 +88,15 @@ class KeySlot:
             self.cache_keys = weakref.ref(keys)
 
     @property
+    def count(self) -> int:
+        """How many positions the kept inputs cover. Under `torch.compile` it is read off the
+        kept tensors' lengths, which the compiler treats as dynamic after one recompile: an
+        int attribute would be a constant of the graph, recompiled at every decoding step."""
+        if torch.compiler.is_compiling():
+            return sum(piece.shape[-2] for piece in self.pieces)
+        return self._count
+
+    @property
     def batch(self) -> int | None:
         """The batch size of the kept inputs (None before the first)."""
         return self.pieces[0].shape[0] if self.pieces else None
@@ -95,11 +104,11 @@ class KeySlot:
     def kept(self, past: int) -> torch.Tensor | None:
         """The inputs of positions `0...past`, as one tensor (None for none)."""
         if not past:
-            self.pieces, self.count = [], 0
+            self.pieces, self._count = [], 0
             return None
         if len(self.pieces) > 1 or self.count != past:
             joined = self.pieces[0] if len(self.pieces) == 1 else torch.cat(self.pieces, dim=-2)
-            self.pieces, self.count = [joined[:, :past]], past
+            self.pieces, self._count = [joined[:, :past]], past
         return self.pieces[0]
 
     def concatenate(self, x: torch.Tensor, past: int) -> torch.Tensor:
@@ -107,7 +116,7 @@ class KeySlot:
         such; B is forgotten (autograd or `torch.compile`: nothing kept across calls)."""
         kept = self.kept(past)
         tokens = x if kept is None else torch.cat([kept, x], dim=-2)
-        self.pieces, self.count, self.factors = [tokens], tokens.shape[-2], None
+        self.pieces, self._count, self.factors = [tokens], tokens.shape[-2], None
         return tokens
 
     def key_factor(self, generator: LowRankGenerator, x: torch.Tensor, past: int) -> torch.Tensor:
@@ -118,7 +127,7 @@ class KeySlot:
             self.kept(past)
             factors = None if factors is None else factors[:, :past]
         self.pieces.append(x)
-        self.count = past + x.shape[-2]
+        self._count = past + x.shape[-2]
         if len(self.pieces) > _MAX_PIECES:
             self.kept(self.count)
         weights = generator.key_weights()
