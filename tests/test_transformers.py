@@ -1027,20 +1027,30 @@ def test_a_patched_model_pickles_and_deep_copies() -> None:
 @pytest.mark.parametrize("generator", ["mlp", "lowrank"])
 def test_static_cache_generation_compiles_fullgraph_with_the_eager_tokens(generator: str) -> None:
     """The way transformers' docs compile generation (a static cache, the forward compiled
-    with fullgraph=True): no graph break (fullgraph raises on one), eager's tokens, and more
-    new tokens than dynamo's recompile limit (8), so a graph per decoding step would fail."""
+    with fullgraph=True): no graph break (fullgraph raises on one), eager's tokens, more new
+    tokens than dynamo's recompile limit (8), so a graph per decoding step would fail, and a
+    second `generate` (a new cache) that compiles nothing new."""
     model = _llama(num_hidden_layers=1)
     lcaam_patch.apply(model, generator=generator)
     _perturb(model, 0.3)
-    ids = _ids(1, 5)
+    prompts = [_ids(1, 5), _ids(1, 5)]
     options: dict[str, Any] = dict(
         max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0
     )
-    eager = model.generate(ids, **options)
+    eager = [model.generate(ids, **options) for ids in prompts]
+    graphs: list[Any] = []
+
+    def counting_aot_eager(graph: Any, example_inputs: Any) -> Any:
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    model.forward = torch.compile(model.forward, backend=counting_aot_eager, fullgraph=True)
     try:
-        assert torch.equal(model.generate(ids, **options), eager)
+        assert torch.equal(model.generate(prompts[0], **options), eager[0])
+        compiled = len(graphs)
+        assert torch.equal(model.generate(prompts[1], **options), eager[1])
+        assert len(graphs) == compiled
     finally:
         del model.forward
         torch._dynamo.reset()

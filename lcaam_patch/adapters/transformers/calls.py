@@ -163,13 +163,30 @@ _MAX_PIECES = 64
 """Kept inputs are joined into one tensor once a slot holds more pieces than this."""
 
 
+_SLOTS_ATTR = "_lcaam_key_slots"
+"""The attribute of a KV cache holding each stash's `KeySlot`s by layer index: they live and
+die with the cache, and `torch.compile` sees a fresh cache as the same kind of object, not as
+another key of a dict of caches (which it guards by identity: a recompile per `generate`)."""
+
+
+def _cache_slots(cache: Any, stash: Stash) -> dict[int, KeySlot]:
+    """The `KeySlot`s `stash` keeps on `cache`, by layer index (made on first use)."""
+    kept: dict[Stash, dict[int, KeySlot]] | None = getattr(cache, _SLOTS_ATTR, None)
+    if kept is None:
+        kept = {}
+        setattr(cache, _SLOTS_ATTR, kept)
+    slots = kept.get(stash)
+    if slots is None:
+        slots = kept[stash] = {}
+    return slots
+
+
 class Stash:
-    """Per-thread stack of `Call`s of one module, and a `KeySlot` per layer of each KV cache
-    it has seen (for generators that read key tokens); never pickled or copied."""
+    """Per-thread stack of `Call`s of one module, and the way to its `KeySlot` in each KV
+    cache it meets (for generators that read key tokens); never pickled or copied."""
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._slots: weakref.WeakKeyDictionary[Any, dict[int, KeySlot]] = weakref.WeakKeyDictionary()
 
     def key_tokens(
         self, layer: CachedLayer, x: torch.Tensor, path: str, generator: LowRankGenerator | None = None
@@ -178,9 +195,7 @@ class Stash:
         layer's keys), the kept layer inputs then `x`, or, given the lowrank `generator` and
         outside autograd and `torch.compile`, their key factor B instead: (slot, tokens, None)
         or (slot, None, B), where `slot` keeps them (its `updated` follows the cache update)."""
-        per_layer = self._slots.get(layer.cache)
-        if per_layer is None:
-            per_layer = self._slots[layer.cache] = {}
+        per_layer = _cache_slots(layer.cache, self)
         slot = per_layer.get(layer.index)
         count = 0 if slot is None or not layer.past else slot.count
         if count < layer.past:
