@@ -720,6 +720,23 @@ def test_lowrank_refuses_a_cache_filled_before_apply() -> None:
 
 
 @pytest.mark.skipif(not CACHE_HAS_LAYERS, reason="the lowrank generator follows only caches with layers")
+def test_a_cache_lowrank_followed_pickles_and_its_copy_is_refused_not_misread() -> None:
+    """The kept inputs live on the cache: it still pickles (`torch.save(cache)`), and a copy
+    (pickled or deep-copied) is one LCAAM did not see, so continuing from it is refused."""
+    import pickle
+
+    model = lcaam_patch.apply(_llama(), generator="lowrank")
+    ids = _ids(1, 6)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        copies = [pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)]
+        model(ids[:, -1:], past_key_values=cache)  # the original goes on
+        for copied in copies:
+            with pytest.raises(lcaam_patch.UnsupportedModuleError, match="holds 6 positions of which LCAAM saw 0"):
+                model(ids[:, -1:], past_key_values=copied)
+
+
+@pytest.mark.skipif(not CACHE_HAS_LAYERS, reason="the lowrank generator follows only caches with layers")
 def test_lowrank_key_factors_kept_per_cache_position_follow_an_optimizer_step() -> None:
     """Outside autograd the key factor of each cached position is computed once and kept; an
     optimizer step on the generators between two calls on the same cache makes them stale, and

@@ -80,6 +80,11 @@ class KeySlot:
         """The cache layer's keys tensor as the last call's update left it (outside
         `torch.compile`): a different one at the next call means the rows were reordered."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable with the cache that holds it (`torch.save(cache)`): the weak reference to
+        the cache's keys is dropped."""
+        return {**self.__dict__, "cache_keys": None}
+
     def updated(self, layer: CachedLayer) -> None:
         """Note the keys tensor the call's cache update left in `layer` (outside
         `torch.compile`), which the next call of this slot expects to find there."""
