@@ -68,7 +68,7 @@ def _interpret_setting() -> str | None:
 
 def interpreter_enabled() -> bool:
     """Whether `TRITON_INTERPRET=1` asks for the kernel to run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return (_interpret_setting() or "0").lower() in ("1", "true", "on", "yes")
 
 
 class TritonBackend:
